@@ -1,0 +1,109 @@
+"""LoRA attach, shared-seed initialisation and adapter get/set, over PEFT.
+
+Each targeted linear layer computes ``x -> W0 x + (alpha / rank) B A x`` with
+``A: (rank, in)`` and ``B: (out, rank)``. Every party builds the same initial adapter from
+the run seed alone: A uniform in ``±1/sqrt(in)`` (PEFT's kaiming default), B zero. In the
+default mode A never changes, so ``mean_i(B_i) A == mean_i(B_i A)``: FedAvg over B deltas is
+exactly the average of the devices' weight updates.
+
+Adapter tensors are named as in PEFT's ``adapter_model.safetensors``
+(``base_model.model.<module>.lora_A.weight``), so the same dict is what we train, send
+(after encoding) and save.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import Tensor, nn
+
+from edgetune.config import LoraConfig
+
+__all__ = [
+    "StateDict",
+    "adapter_shapes",
+    "attach_lora",
+    "exchanged_names",
+    "get_adapter",
+    "init_adapter",
+    "peft_config",
+    "set_adapter",
+]
+
+StateDict = dict[str, Tensor]
+
+
+def peft_config(lora: LoraConfig) -> PeftLoraConfig:
+    """The PEFT config for our adapter (no dropout, no bias, plain LoRA)."""
+    return PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
+    """Wrap ``model`` with LoRA on ``lora.targets``; only exchanged factors are trainable.
+
+    Raises:
+        ValueError: none of the target names matches a layer of the model.
+    """
+    try:
+        peft_model = get_peft_model(model, peft_config(lora))
+    except ValueError as err:
+        raise ValueError(f"lora.targets={','.join(lora.targets)} do not match this model's layers: {err}") from err
+    for name, param in peft_model.named_parameters():
+        param.requires_grad = ".lora_B." in name or (lora.train_a and ".lora_A." in name)
+    return peft_model
+
+
+def adapter_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every adapter tensor, from a model built on the meta device."""
+    peft_model = attach_lora(model, lora)
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> StateDict:
+    """The run's version-0 adapter: A ~ U(±1/sqrt(in)) from ``seed`` (sorted names), B = 0."""
+    gen = torch.Generator().manual_seed(seed)
+    state: StateDict = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if ".lora_A." in name:
+            bound = 1.0 / math.sqrt(shape[1])
+            state[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
+        else:
+            state[name] = torch.zeros(shape)
+    return state
+
+
+def exchanged_names(shapes: dict[str, tuple[int, ...]], lora: LoraConfig) -> list[str]:
+    """The tensors that train and travel: B only by default, A and B in both-factor mode."""
+    return sorted(n for n in shapes if ".lora_B." in n or (lora.train_a and ".lora_A." in n))
+
+
+def get_adapter(model: PeftModel) -> StateDict:
+    """A detached fp32 copy of the model's adapter tensors, PEFT-file names."""
+    return {k: v.detach().float().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter(model: PeftModel, state: StateDict) -> None:
+    """Load ``state`` (a full adapter) into the model in place.
+
+    Raises:
+        KeyError: a tensor of the model's adapter is missing from ``state``.
+    """
+    expected = get_peft_model_state_dict(model).keys()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise KeyError(f"adapter state lacks {len(missing)} tensors, e.g. {missing[0]}")
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise KeyError(f"adapter state has tensors the model lacks, e.g. {unexpected[0]}")

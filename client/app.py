@@ -1,0 +1,103 @@
+"""The Flower ClientApp: unpack the server's message, call ``client.device``, reply.
+
+Everything a device needs arrives in the message (the run config travels as JSON in the
+``config`` record); what differs per device comes from the SuperNode's node config:
+``partition-id``/``num-partitions`` in simulation, ``data-path``/``storage-dir``/``device-id``
+on a real device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from peft import PeftModel
+from torch import Tensor
+
+from adapters.codec import Payload
+from edgetune import wire
+from edgetune.config import RunConfig, from_flat
+
+from .device import Downlink, eval_round, sync_global, train_round
+from .examples import TokenizedDevice, tokenized_device
+from .storage import DeviceStorage
+from .train import device_model
+
+__all__ = ["app"]
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class _Round:
+    """A device's view of one server message, synced to the server's version."""
+
+    cfg: RunConfig
+    storage: DeviceStorage
+    model: PeftModel
+    pad_id: int
+    data: TokenizedDevice
+    global_state: dict[str, Tensor]
+    round: int
+    version: int
+    device_id: str
+
+
+def _payload(record: ArrayRecord) -> Payload:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _downlink(content: RecordDict, version: int) -> Downlink:
+    records = content.array_records
+    full = _payload(records[wire.FULL]) if wire.FULL in records else None
+    updates = {int(k.removeprefix(wire.UPDATE_PREFIX)): _payload(r) for k, r in records.items() if k.startswith(wire.UPDATE_PREFIX)}
+    return Downlink(version, full, updates)
+
+
+def _open_round(msg: Message, context: Context) -> _Round:
+    config = msg.content.config_records[wire.CONFIG]
+    cfg = from_flat(json.loads(str(config[wire.RUN_CONFIG_JSON])))
+    node = context.node_config
+    device_id = str(node.get(wire.DEVICE_ID) or f"sim-{node.get(wire.PARTITION_ID, context.node_id)}")
+    storage = DeviceStorage(Path(str(node.get(wire.STORAGE_DIR) or Path(str(config[wire.DEVICE_ROOT])) / device_id)))
+    model, tokenizer = device_model(cfg.model.base, cfg.lora)
+    data = tokenized_device(
+        cfg.data, str(node.get(wire.DATA_PATH, "")), int(node.get(wire.PARTITION_ID, 0)),
+        cfg.federation.num_devices, cfg.seed, tokenizer,
+    )
+    version = int(config[wire.VERSION])
+    state = sync_global(storage, model, cfg, _downlink(msg.content, version))
+    return _Round(cfg, storage, model, tokenizer.pad_token_id, data, state, int(config[wire.ROUND]), version, device_id)
+
+
+def _reply(msg: Message, r: _Round, metrics: dict[str, float | int], delta: Payload | None = None) -> Message:
+    content = RecordDict(
+        {
+            wire.METRICS: MetricRecord({wire.ROUND: r.round, wire.HELD_VERSION: r.version, **metrics}),
+            wire.DEVICE: ConfigRecord({wire.DEVICE_ID: r.device_id}),
+        }
+    )
+    if delta is not None:
+        content[wire.DELTA] = ArrayRecord({k: Array(v) for k, v in delta.items()})
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Sync, train K local steps, reply with the encoded delta."""
+    r = _open_round(msg, context)
+    payload, stats, n = train_round(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round)
+    metrics = {wire.NUM_EXAMPLES: n, wire.TRAIN_LOSS: stats.loss, wire.NUM_TOKENS: stats.seen_tokens, wire.SECONDS: stats.seconds}
+    return _reply(msg, r, metrics, payload)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Sync, report held-out loss of the global adapter."""
+    r = _open_round(msg, context)
+    stats = eval_round(r.model, r.pad_id, r.data, r.global_state, r.cfg)
+    metrics = {wire.EVAL_LOSS: stats.loss, wire.NUM_TOKENS: stats.tokens, wire.NUM_EXAMPLES: len(r.data.heldout), wire.SECONDS: stats.seconds}
+    return _reply(msg, r, metrics)

@@ -1,0 +1,104 @@
+"""One device's side of a round, as plain functions over tensors and payloads.
+
+    sync_global   bring the stored global adapter to the server's version (full or chain)
+    train_round   K local steps, then delta = local - global + residual, encoded 1-bit
+    eval_round    held-out loss of the global adapter
+
+The Flower ClientApp (``client/app.py``) only unpacks messages and calls these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from peft import PeftModel
+from torch import Tensor
+
+from adapters.codec import Payload, apply_update, compress, decode, full_codec
+from adapters.delta import subtract
+from adapters.lora import exchanged_names, get_adapter, init_adapter, set_adapter
+from edgetune.config import RunConfig
+
+from .data import iterate_batches
+from .examples import TokenizedDevice
+from .storage import DeviceStorage
+from .train import StepStats, evaluate, train_local
+
+__all__ = ["Downlink", "SyncError", "eval_round", "sync_global", "train_round"]
+
+StateDict = dict[str, Tensor]
+
+
+class SyncError(RuntimeError):
+    """The device cannot reach the server's version from what it holds and was sent."""
+
+
+@dataclass(frozen=True)
+class Downlink:
+    """What the server sent to bring this device to ``version``."""
+
+    version: int
+    full: Payload | None
+    updates: dict[int, Payload]
+
+
+def sync_global(storage: DeviceStorage, model: PeftModel, cfg: RunConfig, down: Downlink) -> StateDict:
+    """Apply ``down`` to the stored global adapter and store the result.
+
+    Updates are applied in version order; those the device already holds are skipped, so
+    a chain from any older version is valid for every device.
+    """
+    held = storage.load_global()
+    shapes = {k: tuple(v.shape) for k, v in get_adapter(model).items()}
+    sent = exchanged_names(shapes, cfg.lora)
+    state, version = held if held is not None else (init_adapter(shapes, cfg.seed), 0)
+    if down.full is not None:
+        base = init_adapter(shapes, cfg.seed)
+        full = decode(down.full, {k: shapes[k] for k in sent}, full_codec(cfg.federation.codec))
+        state, version = {**base, **full}, down.version
+    for v in sorted(down.updates):
+        if v <= version:
+            continue
+        if v != version + 1:
+            raise SyncError(f"device holds version {version} but the next update sent is {v}")
+        state = apply_update(state, decode(down.updates[v], {k: shapes[k] for k in sent}, cfg.federation.codec), cfg.federation.codec)
+        version = v
+    if version != down.version:
+        raise SyncError(f"device holds version {version}, server is at {down.version} and sent no way there")
+    if held is None or held[1] != version:
+        storage.save_global(state, version)
+    return state
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def train_round(
+    model: PeftModel, pad_id: int, data: TokenizedDevice, storage: DeviceStorage,
+    global_state: StateDict, cfg: RunConfig, round_: int,
+) -> tuple[Payload, StepStats, int]:
+    """Train from the global adapter and return ``(encoded delta, stats, num examples)``.
+
+    The data order depends only on (run seed, round, device), so a redone round after a
+    server crash repeats exactly.
+    """
+    set_adapter(model, global_state)
+    batches = iterate_batches(
+        data.train, cfg.train.batch_size, cfg.train.local_steps, _seed(cfg.seed, round_, data.name), pad_id
+    )
+    stats = train_local(model, batches, cfg.train)
+    local = get_adapter(model)
+    names = exchanged_names({k: tuple(v.shape) for k, v in local.items()}, cfg.lora)
+    delta = subtract({k: local[k] for k in names}, {k: global_state[k] for k in names})
+    payload, _, residual = compress(delta, storage.residual_before(round_), cfg.federation.codec)
+    storage.save_residual(residual, round_)
+    num_examples = min(len(data.train), cfg.train.local_steps * cfg.train.batch_size)
+    return payload, stats, num_examples
+
+
+def eval_round(model: PeftModel, pad_id: int, data: TokenizedDevice, global_state: StateDict, cfg: RunConfig) -> StepStats:
+    """Held-out loss of ``global_state`` on this device."""
+    set_adapter(model, global_state)
+    return evaluate(model, data.heldout, pad_id, cfg.train.batch_size, cfg.train.precision)

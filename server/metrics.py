@@ -1,0 +1,117 @@
+"""Per-round metrics: JSON lines in the run folder, a summary table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgetune.wire import METRICS_FILE
+
+__all__ = ["RoundMetrics", "append_metrics", "plot_run", "read_metrics", "summary_table", "truncate_metrics"]
+
+
+@dataclass
+class RoundMetrics:
+    """One line of ``metrics.jsonl``. Round 0 is the initial adapter (evaluation only)."""
+
+    round: int
+    version: int
+    eval_loss: float | None = None
+    train_loss: float | None = None
+    replies: int = 0
+    rejected: list[str] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    fp32_bytes_up: int = 0
+    fp32_bytes_down: int = 0
+    aggregation_error: float | None = None
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+    per_device: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def append_metrics(run_dir: Path, m: RoundMetrics) -> None:
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(asdict(m), sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return lines
+
+
+def truncate_metrics(run_dir: Path, last_round: int) -> None:
+    """Keep only rounds <= ``last_round`` (what a resumed run will not redo)."""
+    kept = [m for m in read_metrics(run_dir) if m["round"] <= last_round]
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in kept), encoding="utf-8")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Held-out loss and bytes per round vs fp32, as a fixed-width text table."""
+    head = f"{'round':>5} {'eval loss':>9} {'train loss':>10} {'up':>9} {'down':>9} {'fp32 up':>9} {'fp32 down':>9} {'x fewer':>8}"
+    out = [head, "-" * len(head)]
+    for m in rows:
+        ours = m["bytes_up"] + m["bytes_down"]
+        ref = m["fp32_bytes_up"] + m["fp32_bytes_down"]
+        ratio = f"{ref / ours:.1f}" if ours else ("-" if not ref else "inf")
+        ev = f"{m['eval_loss']:.4f}" if m["eval_loss"] is not None else "-"
+        tr = f"{m['train_loss']:.4f}" if m["train_loss"] is not None else "-"
+        out.append(
+            f"{m['round']:>5} {ev:>9} {tr:>10} {_fmt_bytes(m['bytes_up']):>9} {_fmt_bytes(m['bytes_down']):>9} "
+            f"{_fmt_bytes(m['fp32_bytes_up']):>9} {_fmt_bytes(m['fp32_bytes_down']):>9} {ratio:>8}"
+        )
+    return "\n".join(out)
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """Write ``loss.png`` (held-out and train loss per round) and ``bytes.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    rounds = [m["round"] for m in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [m["eval_loss"] for m in rows], "o-", label="held-out loss (mean over devices)")
+    tr = [(m["round"], m["train_loss"]) for m in rows if m["train_loss"] is not None]
+    if tr:
+        ax.plot(*zip(*tr, strict=True), "s--", label="local train loss")
+    ax.set(xlabel="round", ylabel="loss per assistant token", title="Federated LoRA: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    loss_png = run_dir / "loss.png"
+    fig.savefig(loss_png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.2
+    for i, (key, label) in enumerate(
+        [("bytes_up", "up (ours)"), ("fp32_bytes_up", "up (fp32)"), ("bytes_down", "down (ours)"), ("fp32_bytes_down", "down (fp32)")]
+    ):
+        ax.bar([r + (i - 1.5) * width for r in rounds], [max(m[key], 1) for m in rows], width, label=label)
+    ax.set_yscale("log")
+    ax.set(xlabel="round", ylabel="bytes (log scale)", title="Bytes moved per round")
+    ax.legend(fontsize=8)
+    bytes_png = run_dir / "bytes.png"
+    fig.savefig(bytes_png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [loss_png, bytes_png]

@@ -1,0 +1,107 @@
+"""Local training throughput: tokens/s of one device's K steps, and the share of this
+machine's bf16 matrix-multiply peak that it reaches, both measured in the same run.
+
+    python -m simulations.bench_throughput                 # SmolLM2, english/tech_support data
+    python -m simulations.bench_throughput --base tiny --steps 3 --out bench-out/throughput
+
+Method: the peak is the median GFLOP/s of repeated square bf16 matmuls (n=2048) with all
+threads; training FLOPs per step are counted exactly by ``torch.utils.flop_counter`` on one
+step (forward + backward, the matmuls that really run); throughput is tokens (prompt
+included, padding excluded) over wall time of ``--steps`` steps, median over ``--repeats``.
+Each precision (bf16 autocast, fp32) is measured on the same batches. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from client.data import iterate_batches
+from client.examples import tokenized_device
+from client.train import _autocast, _summed_loss, device_model
+from edgetune.config import DataConfig, LoraConfig, TrainConfig
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> float:
+    """Median bf16 GFLOP/s of an (n, n) @ (n, n) matmul."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        rates.append(4 * 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str) -> int:
+    """FLOPs of one training step (forward + backward) as the matmuls report them."""
+    counter = FlopCounterMode(display=False)
+    with counter, _autocast(precision):
+        loss, n = _summed_loss(model, batch)
+        (loss / max(n, 1)).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def timed_steps(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], precision: str, lr: float) -> float:
+    """Seconds for one optimizer step per batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    start = time.perf_counter()
+    for batch in batches:
+        with _autocast(precision):
+            loss, n = _summed_loss(model, batch)
+        (loss / max(n, 1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per measurement")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="conversations per step")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per precision (median is reported)")
+    parser.add_argument("--out", default="bench-out/throughput", help="output folder for result.json")
+    args = parser.parse_args()
+
+    lora = LoraConfig()
+    model, tokenizer = device_model(args.base, lora)
+    data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
+    batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, tokenizer.pad_token_id))
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    peak = matmul_peak_gflops()
+    model.train()
+    result: dict[str, object] = {
+        "benchmark": "throughput", "base": args.base, "device": data.name, "steps": args.steps,
+        "batch_size": args.batch_size, "tokens_per_run": tokens, "threads": torch.get_num_threads(),
+        "bf16_matmul_peak_gflops": round(peak, 1),
+    }
+    for precision in ("bf16", "fp32"):
+        flops = sum(step_flops(model, b, precision) for b in batches)
+        timed_steps(model, batches[:1], precision, 1e-3)  # warm-up
+        seconds = statistics.median(timed_steps(model, batches, precision, 1e-3) for _ in range(args.repeats))
+        result[f"{precision}_tokens_per_s"] = round(tokens / seconds, 1)
+        result[f"{precision}_gflops"] = round(flops / seconds / 1e9, 1)
+        result[f"{precision}_fraction_of_bf16_peak"] = round(flops / seconds / 1e9 / peak, 4)
+        print(f"{precision}: {tokens / seconds:8.1f} tokens/s, {flops / seconds / 1e9:7.1f} GFLOP/s "
+              f"= {flops / seconds / 1e9 / peak:.1%} of the bf16 matmul peak ({peak:.0f} GFLOP/s)", flush=True)
+    result["bf16_speedup_over_fp32"] = round(float(result["bf16_tokens_per_s"]) / float(result["fp32_tokens_per_s"]), 2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

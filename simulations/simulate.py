@@ -1,0 +1,66 @@
+"""``edgetune simulate``: the whole federation on one machine, with Flower's simulation engine.
+
+Wraps ``flwr.simulation.run_simulation`` so that its surprises do not reach the user: the
+run config is passed in directly (it does not read ``[tool.flwr.app.config]``), a failed
+ServerApp makes this raise (and the CLI exit non-zero) instead of returning quietly, and
+Ray is shut down afterwards. Virtual devices run one at a time in one Ray actor that owns
+all cores, so every device it serves shares one loaded base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from edgetune import wire
+from edgetune.config import RunConfig
+
+__all__ = ["SimulationError", "simulate"]
+
+
+class SimulationError(RuntimeError):
+    """The simulated run did not complete (the reason is in the message)."""
+
+
+def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
+    """Run (or resume) ``cfg`` in simulation; returns the run folder.
+
+    Raises:
+        SimulationError: the ServerApp failed or never reported completion.
+    """
+    import ray
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import server_app_for
+
+    run_dir = Path(cfg.run_dir)
+    # Ray's notice about a future default; keep today's behaviour and its console quiet.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    cpus = os.cpu_count() or 1
+    backend = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
+    }
+    error: BaseException | None = None
+    try:
+        run_simulation(
+            server_app=server_app_for(cfg),
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_devices,
+            backend_config=backend,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    except BaseException as err:  # noqa: BLE001 - reported below with the run's own status
+        error = err
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    status_path = run_dir / wire.STATUS_FILE
+    status = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "missing"}
+    if status.get("status") != "completed":
+        reason = status.get("error") or (f"{type(error).__name__}: {error}" if error else "no status written")
+        raise SimulationError(f"simulation in {run_dir} did not complete: {reason}") from error
+    return run_dir
