@@ -121,7 +121,9 @@ def decode(payload: Payload, shapes: dict[str, tuple[int, ...]], codec: str) -> 
                 raise CodecError(f"{name + PART_SEP + SCALES!r}: negative scale")
             bits = _part(payload, name + PART_SEP + BITS, np.uint8, ((numel + 7) // 8,))
             signs = np.unpackbits(bits)[:numel].astype(np.float32) * 2 - 1
-            rows = torch.from_numpy(signs).reshape(len(scales), -1) * torch.from_numpy(scales.astype(np.float32))[:, None]
+            rows = (
+                torch.from_numpy(signs).reshape(len(scales), -1) * torch.from_numpy(scales.astype(np.float32))[:, None]
+            )
             out[name] = _unrows(rows, shape)
         else:
             values = _part(payload, name + PART_SEP + VALUES, _VALUE_DTYPES[codec], shape)

@@ -78,8 +78,7 @@ def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> Stat
         _same_keys(states[0], s)
     total = float(sum(weights))
     return {
-        k: (sum(w * s[k].double() for s, w in zip(states, weights, strict=True)) / total).float()
-        for k in states[0]
+        k: (sum(w * s[k].double() for s, w in zip(states, weights, strict=True)) / total).float() for k in states[0]
     }
 
 

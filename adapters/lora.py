@@ -14,6 +14,7 @@ Adapter tensors are named as in PEFT's ``adapter_model.safetensors``
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -55,7 +56,10 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
         ValueError: none of the target names matches a layer of the model.
     """
     try:
-        peft_model = get_peft_model(model, peft_config(lora))
+        with warnings.catch_warnings():
+            # PEFT still calls transformers' renamed `is_gradient_checkpointing`; not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, peft_config(lora))
     except ValueError as err:
         raise ValueError(f"lora.targets={','.join(lora.targets)} do not match this model's layers: {err}") from err
     for name, param in peft_model.named_parameters():

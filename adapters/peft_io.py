@@ -19,11 +19,22 @@ from edgetune.config import LoraConfig
 
 from .lora import peft_config
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "atomic_save", "load_adapter", "load_tensors", "save_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "atomic_save", "atomic_write_text", "load_adapter", "load_tensors", "save_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 StateDict = dict[str, Tensor]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def atomic_save(tensors: StateDict, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -64,7 +75,7 @@ def save_adapter(folder: Path, state: StateDict, lora: LoraConfig, base_model: s
     config["peft_type"] = "LORA"
     config["target_modules"] = sorted(lora.targets)
     atomic_save(state, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True, default=str))
 
 
 def load_adapter(folder: Path) -> StateDict:

@@ -53,7 +53,11 @@ def _payload(record: ArrayRecord) -> Payload:
 def _downlink(content: RecordDict, version: int) -> Downlink:
     records = content.array_records
     full = _payload(records[wire.FULL]) if wire.FULL in records else None
-    updates = {int(k.removeprefix(wire.UPDATE_PREFIX)): _payload(r) for k, r in records.items() if k.startswith(wire.UPDATE_PREFIX)}
+    updates = {
+        int(k.removeprefix(wire.UPDATE_PREFIX)): _payload(r)
+        for k, r in records.items()
+        if k.startswith(wire.UPDATE_PREFIX)
+    }
     return Downlink(version, full, updates)
 
 
@@ -65,8 +69,12 @@ def _open_round(msg: Message, context: Context) -> _Round:
     storage = DeviceStorage(Path(str(node.get(wire.STORAGE_DIR) or Path(str(config[wire.DEVICE_ROOT])) / device_id)))
     model, tokenizer = device_model(cfg.model.base, cfg.lora)
     data = tokenized_device(
-        cfg.data, str(node.get(wire.DATA_PATH, "")), int(node.get(wire.PARTITION_ID, 0)),
-        cfg.federation.num_devices, cfg.seed, tokenizer,
+        cfg.data,
+        str(node.get(wire.DATA_PATH, "")),
+        int(node.get(wire.PARTITION_ID, 0)),
+        cfg.federation.num_devices,
+        cfg.seed,
+        tokenizer,
     )
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))
@@ -90,7 +98,12 @@ def train(msg: Message, context: Context) -> Message:
     """Sync, train K local steps, reply with the encoded delta."""
     r = _open_round(msg, context)
     payload, stats, n = train_round(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round)
-    metrics = {wire.NUM_EXAMPLES: n, wire.TRAIN_LOSS: stats.loss, wire.NUM_TOKENS: stats.seen_tokens, wire.SECONDS: stats.seconds}
+    metrics = {
+        wire.NUM_EXAMPLES: n,
+        wire.TRAIN_LOSS: stats.loss,
+        wire.NUM_TOKENS: stats.seen_tokens,
+        wire.SECONDS: stats.seconds,
+    }
     return _reply(msg, r, metrics, payload)
 
 
@@ -99,5 +112,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Sync, report held-out loss of the global adapter."""
     r = _open_round(msg, context)
     stats = eval_round(r.model, r.pad_id, r.data, r.global_state, r.cfg)
-    metrics = {wire.EVAL_LOSS: stats.loss, wire.NUM_TOKENS: stats.tokens, wire.NUM_EXAMPLES: len(r.data.heldout), wire.SECONDS: stats.seconds}
+    metrics = {
+        wire.EVAL_LOSS: stats.loss,
+        wire.NUM_TOKENS: stats.tokens,
+        wire.NUM_EXAMPLES: len(r.data.heldout),
+        wire.SECONDS: stats.seconds,
+    }
     return _reply(msg, r, metrics)

@@ -152,9 +152,7 @@ def load_jsonl(path: str | Path) -> list[Messages]:
     return conversations
 
 
-def _encode_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool
-) -> list[int]:
+def _encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool) -> list[int]:
     """Token ids of the rendered chat, whatever container ``apply_chat_template`` returns."""
     out = tokenizer.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
@@ -165,9 +163,7 @@ def _encode_chat(
     return [int(t) for t in ids]
 
 
-def _span_from_text(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, i: int
-) -> tuple[int, int]:
+def _span_from_text(tokenizer: PreTrainedTokenizerBase, messages: Messages, i: int) -> tuple[int, int]:
     """Fallback for assistant turn ``i``: find it by characters, map to tokens via offsets.
 
     Needed when tokens merge across the turn boundary (for example a generation prompt that
@@ -185,16 +181,12 @@ def _span_from_text(
     if not getattr(tokenizer, "is_fast", False):
         raise ChatTemplateError(f"assistant turn {i} needs token offsets; use a fast tokenizer")
     # The same call apply_chat_template makes, so these ids are the conversation's ids.
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-        "offset_mapping"
-    ]
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     chosen = [t for t, (a, b) in enumerate(offsets) if a < len(through) and b > len(prefix)]
     return (chosen[0], chosen[-1] + 1) if chosen else (0, 0)
 
 
-def _assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, ids: list[int]
-) -> list[tuple[int, int]]:
+def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Messages, ids: list[int]) -> list[tuple[int, int]]:
     """Token spans ``[start, end)`` of the assistant turns within ``ids``."""
     spans = []
     for i, message in enumerate(messages):
@@ -217,9 +209,7 @@ def _end_of_turn(ids: list[int], start: int, end: int, eos_id: int | None) -> in
     return end
 
 
-def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Messages, max_length: int
-) -> Example:
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, max_length: int) -> Example:
     """Tokenize a conversation with its chat template, supervising only assistant turns.
 
     For assistant turn ``i`` the span is ``len(ids(messages[:i] + generation prompt))`` up to
@@ -293,10 +283,7 @@ def pack(examples: Sequence[Example], block_size: int) -> list[Example]:
     if len(ids) <= block_size:
         return [{"input_ids": ids, "labels": labels}] if ids else []
     starts = range(0, len(ids) - block_size + 1, block_size)
-    return [
-        {"input_ids": ids[s : s + block_size], "labels": labels[s : s + block_size]}
-        for s in starts
-    ]
+    return [{"input_ids": ids[s : s + block_size], "labels": labels[s : s + block_size]} for s in starts]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> Batch:

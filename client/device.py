@@ -62,7 +62,9 @@ def sync_global(storage: DeviceStorage, model: PeftModel, cfg: RunConfig, down: 
             continue
         if v != version + 1:
             raise SyncError(f"device holds version {version} but the next update sent is {v}")
-        state = apply_update(state, decode(down.updates[v], {k: shapes[k] for k in sent}, cfg.federation.codec), cfg.federation.codec)
+        state = apply_update(
+            state, decode(down.updates[v], {k: shapes[k] for k in sent}, cfg.federation.codec), cfg.federation.codec
+        )
         version = v
     if version != down.version:
         raise SyncError(f"device holds version {version}, server is at {down.version} and sent no way there")
@@ -76,8 +78,13 @@ def _seed(*parts: object) -> int:
 
 
 def train_round(
-    model: PeftModel, pad_id: int, data: TokenizedDevice, storage: DeviceStorage,
-    global_state: StateDict, cfg: RunConfig, round_: int,
+    model: PeftModel,
+    pad_id: int,
+    data: TokenizedDevice,
+    storage: DeviceStorage,
+    global_state: StateDict,
+    cfg: RunConfig,
+    round_: int,
 ) -> tuple[Payload, StepStats, int]:
     """Train from the global adapter and return ``(encoded delta, stats, num examples)``.
 
@@ -98,7 +105,9 @@ def train_round(
     return payload, stats, num_examples
 
 
-def eval_round(model: PeftModel, pad_id: int, data: TokenizedDevice, global_state: StateDict, cfg: RunConfig) -> StepStats:
+def eval_round(
+    model: PeftModel, pad_id: int, data: TokenizedDevice, global_state: StateDict, cfg: RunConfig
+) -> StepStats:
     """Held-out loss of ``global_state`` on this device."""
     set_adapter(model, global_state)
     return evaluate(model, data.heldout, pad_id, cfg.train.batch_size, cfg.train.precision)

@@ -80,4 +80,4 @@ def tokenized_device(
         examples = [e for e in examples if any(label != -100 for label in e["labels"])]
         return pack(examples, data.max_length) if data.packing else examples
 
-    return TokenizedDevice(conv.name, encode(conv.train), encode(conv.heldout))
+    return TokenizedDevice(conv.name, encode(conv.train), encode(conv.heldout[: data.max_eval_examples]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from adapters.peft_io import atomic_save, load_tensors
@@ -25,8 +25,11 @@ _PREV = RESIDUAL_FILE.replace(".safetensors", ".prev.safetensors")
 
 
 def _meta_int(path: Path, key: str) -> int:
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"corrupt device storage file {path}: {err}") from err
     if key not in meta:
         raise ValueError(f"{path} lacks its {key!r} metadata: device storage is corrupt")
     return int(meta[key])

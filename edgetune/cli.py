@@ -1,9 +1,9 @@
 """The ``edgetune`` command line.
 
-    edgetune simulate                       federated simulation on the defaults
-    edgetune simulate --rounds 5 --devices 12 --codec fp32 --run-dir runs/fp32
-    edgetune simulate --resume runs/default  continue a killed run from its last round
-    edgetune simulate --set train.learning-rate=1e-3 --set lora.rank=4
+edgetune simulate                       federated simulation on the defaults
+edgetune simulate --rounds 5 --devices 12 --codec fp32 --run-dir runs/fp32
+edgetune simulate --resume runs/default  continue a killed run from its last round
+edgetune simulate --set train.learning-rate=1e-3 --set lora.rank=4
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ _SIMULATE_FLAGS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgetune", description="Federated on-device fine-tuning of small Llama models.")
+    parser = argparse.ArgumentParser(
+        prog="edgetune", description="Federated on-device fine-tuning of small Llama models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser(
         "simulate",
@@ -47,10 +49,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     defaults = to_flat(RunConfig())
     for flag, (key, text) in _SIMULATE_FLAGS.items():
-        sim.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="X", help=f"{text} (default: {defaults[key]})")
+        sim.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, metavar="X", help=f"{text} (default: {defaults[key]})"
+        )
     sim.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last completed round")
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="any config key, e.g. lora.rank=4 (repeatable; keys: " + ", ".join(sorted(defaults)) + ")")
+    sim.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. lora.rank=4 (repeatable; keys: " + ", ".join(sorted(defaults)) + ")",
+    )
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
     return parser
 
@@ -85,8 +94,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(f"edgetune: {run_dir} already holds a run; use --resume {run_dir} or another --run-dir", file=sys.stderr)
         return 2
     f = cfg.federation
-    print(f"edgetune simulate: {f.num_devices} devices ({f.sampled}/round), {f.rounds} rounds, "
-          f"base={cfg.model.base}, codec={f.codec}, run folder {run_dir}", flush=True)
+    print(
+        f"edgetune simulate: {f.num_devices} devices ({f.sampled}/round), {f.rounds} rounds, "
+        f"base={cfg.model.base}, codec={f.codec}, run folder {run_dir}",
+        flush=True,
+    )
     try:
         simulate(cfg, verbose=args.verbose)
     except SimulationError as err:
@@ -96,8 +108,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     print(summary_table(rows))
     plots = plot_run(run_dir)
     first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
-    print(f"held-out loss {first:.4f} -> {last:.4f}; adapter: {run_dir / wire.ADAPTER_DIR}; plots: "
-          + ", ".join(str(p) for p in plots))
+    print(
+        f"held-out loss {first:.4f} -> {last:.4f}; adapter: {run_dir / wire.ADAPTER_DIR}; plots: "
+        + ", ".join(str(p) for p in plots)
+    )
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class DataConfig:
     """Share of each device's conversations kept aside for evaluation."""
     max_length: int = 256
     """Tokens per example after the chat template (longer ones are truncated)."""
+    max_eval_examples: int = 32
+    """Held-out conversations each device evaluates per round (the first N of its split)."""
     packing: bool = False
     """Concatenate examples into blocks of ``max_length`` tokens."""
 
@@ -102,6 +105,7 @@ class DataConfig:
         _check(self.partition in PARTITIONS, "data.partition", self.partition, f"one of {PARTITIONS}")
         _check(0 < self.heldout_fraction < 1, "data.heldout-fraction", self.heldout_fraction, "in (0, 1)")
         _check(self.max_length >= 8, "data.max-length", self.max_length, "must be >= 8")
+        _check(self.max_eval_examples >= 1, "data.max-eval-examples", self.max_eval_examples, "must be >= 1")
         _check(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "must be > 0")
 
 
@@ -208,9 +212,12 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             raise ConfigError(f"config {key}={value!r}: expected an integer") from None
     if kind is float:
         try:
-            return float(value)
+            number = float(value) if not isinstance(value, bool) else math.nan
         except (TypeError, ValueError):
-            raise ConfigError(f"config {key}={value!r}: expected a number") from None
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"config {key}={value!r}: expected a finite number")
+        return number
     return str(value)
 
 
@@ -258,5 +265,3 @@ def to_flat(config: RunConfig) -> dict[str, bool | int | float | str]:
 def dumps(config: RunConfig) -> str:
     """The resolved config as pretty JSON (what the run folder keeps)."""
     return json.dumps(to_flat(config), indent=2, sort_keys=True)
-
-

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from adapters.codec import Payload
 from adapters.peft_io import atomic_save, load_tensors
@@ -54,12 +55,11 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, ServerState] | None:
     Raises:
         ValueError: the newest checkpoint or an update it needs is unreadable.
     """
-    paths = sorted((run_dir / CHECKPOINT_DIR).glob("round_*.safetensors"))
+    paths = {int(m.group(1)): p for p in (run_dir / CHECKPOINT_DIR).glob("round_*.safetensors") if (m := _CKPT.search(p.name))}
     if not paths:
         return None
-    path = paths[-1]
-    from safetensors import safe_open
-
+    round_ = max(paths)
+    path = paths[round_]
     tensors = load_tensors(path)
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata()
@@ -71,4 +71,4 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, ServerState] | None:
         held={k: int(v) for k, v in json.loads(meta["held"]).items()},
         updates={v: _load_update(run_dir, v) for v in range(1, version + 1)},
     )
-    return int(_CKPT.search(path.name).group(1)), state  # type: ignore[union-attr]
+    return round_, state

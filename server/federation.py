@@ -26,7 +26,7 @@ from tqdm import tqdm
 from adapters.codec import Payload, raw_bytes
 from adapters.delta import lora_product_error
 from adapters.lora import adapter_shapes
-from adapters.peft_io import save_adapter
+from adapters.peft_io import atomic_write_text, save_adapter
 from edgetune import wire
 from edgetune.config import RunConfig, dumps, to_flat
 from edgetune.models import model_skeleton, resolve_base
@@ -34,7 +34,7 @@ from edgetune.models import model_skeleton, resolve_base
 from .checkpoint import latest_checkpoint, save_checkpoint, save_update
 from .metrics import RoundMetrics, append_metrics, truncate_metrics
 from .strategy import DeltaFedAvg
-from .validate import EvalReply, Rejection, TrainReply, validate_eval, validate_train
+from .validate import Rejection, TrainReply, validate_eval, validate_train
 
 __all__ = ["FederationError", "run_federation"]
 
@@ -135,8 +135,12 @@ class Federation:
             m.per_device.setdefault(r.device_id, {})["train_loss"] = float(r.metrics[wire.TRAIN_LOSS])
         m.replies = len(valid)
         if len(valid) < self.cfg.federation.min_replies:
-            log.warning("round %d: %d valid replies < min-replies %d; global adapter unchanged",
-                        round_, len(valid), self.cfg.federation.min_replies)
+            log.warning(
+                "round %d: %d valid replies < min-replies %d; global adapter unchanged",
+                round_,
+                len(valid),
+                self.cfg.federation.min_replies,
+            )
             return
         valid.sort(key=lambda r: r.device_id)  # order-independent sums: same result on resume
         weights = [float(r.num_examples) for r in valid]
@@ -153,8 +157,13 @@ class Federation:
         self.evaluate(self.start_round - 1, first, nodes)
         if self.start_round == 1:
             append_metrics(run_dir, first)
-        bar = tqdm(range(self.start_round, cfg.federation.rounds + 1), desc="rounds", unit="round",
-                   initial=self.start_round - 1, total=cfg.federation.rounds)
+        bar = tqdm(
+            range(self.start_round, cfg.federation.rounds + 1),
+            desc="rounds",
+            unit="round",
+            initial=self.start_round - 1,
+            total=cfg.federation.rounds,
+        )
         bar.set_postfix(eval_loss=f"{first.eval_loss:.4f}" if first.eval_loss is not None else "-")
         for round_ in bar:
             start = time.perf_counter()
@@ -166,8 +175,7 @@ class Federation:
             self.evaluate(round_, m, nodes)
             m.seconds = time.perf_counter() - start
             append_metrics(run_dir, m)
-            bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-",
-                            replies=m.replies)
+            bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-", replies=m.replies)
 
 
 def _base_name(cfg: RunConfig) -> str:
@@ -189,13 +197,15 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
         old = json.loads(saved.read_text())
         changed = {k for k in old if old.get(k) != to_flat(cfg).get(k) and k != "federation.rounds"}
         if changed:
-            raise FederationError(f"run folder {run_dir} was made with other settings ({sorted(changed)}); "
-                                  "use a new --run-dir or the same settings to resume")
-    saved.write_text(dumps(cfg))
-    status.write_text(json.dumps({"status": "running"}))
+            raise FederationError(
+                f"run folder {run_dir} was made with other settings ({sorted(changed)}); "
+                "use a new --run-dir or the same settings to resume"
+            )
+    atomic_write_text(saved, dumps(cfg))
+    atomic_write_text(status, json.dumps({"status": "running"}))
     try:
         Federation(grid, cfg, run_dir).run()
     except BaseException as err:
-        status.write_text(json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
+        atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
         raise
-    status.write_text(json.dumps({"status": "completed"}))
+    atomic_write_text(status, json.dumps({"status": "completed"}))

@@ -66,7 +66,8 @@ def _fmt_bytes(n: float) -> str:
 
 def summary_table(rows: list[dict]) -> str:
     """Held-out loss and bytes per round vs fp32, as a fixed-width text table."""
-    head = f"{'round':>5} {'eval loss':>9} {'train loss':>10} {'up':>9} {'down':>9} {'fp32 up':>9} {'fp32 down':>9} {'x fewer':>8}"
+    names = ("round", "eval loss", "train loss", "up", "down", "fp32 up", "fp32 down", "x fewer")
+    head = " ".join(f"{n:>{w}}" for n, w in zip(names, (5, 9, 10, 9, 9, 9, 9, 8), strict=True))
     out = [head, "-" * len(head)]
     for m in rows:
         ours = m["bytes_up"] + m["bytes_down"]
@@ -105,7 +106,12 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.2
     for i, (key, label) in enumerate(
-        [("bytes_up", "up (ours)"), ("fp32_bytes_up", "up (fp32)"), ("bytes_down", "down (ours)"), ("fp32_bytes_down", "down (fp32)")]
+        [
+            ("bytes_up", "up (ours)"),
+            ("fp32_bytes_up", "up (fp32)"),
+            ("bytes_down", "down (ours)"),
+            ("fp32_bytes_down", "down (fp32)"),
+        ]
     ):
         ax.bar([r + (i - 1.5) * width for r in rounds], [max(m[key], 1) for m in rows], width, label=label)
     ax.set_yscale("log")

@@ -83,8 +83,13 @@ def main() -> None:
     peak = matmul_peak_gflops()
     model.train()
     result: dict[str, object] = {
-        "benchmark": "throughput", "base": args.base, "device": data.name, "steps": args.steps,
-        "batch_size": args.batch_size, "tokens_per_run": tokens, "threads": torch.get_num_threads(),
+        "benchmark": "throughput",
+        "base": args.base,
+        "device": data.name,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "tokens_per_run": tokens,
+        "threads": torch.get_num_threads(),
         "bf16_matmul_peak_gflops": round(peak, 1),
     }
     for precision in ("bf16", "fp32"):
@@ -94,8 +99,11 @@ def main() -> None:
         result[f"{precision}_tokens_per_s"] = round(tokens / seconds, 1)
         result[f"{precision}_gflops"] = round(flops / seconds / 1e9, 1)
         result[f"{precision}_fraction_of_bf16_peak"] = round(flops / seconds / 1e9 / peak, 4)
-        print(f"{precision}: {tokens / seconds:8.1f} tokens/s, {flops / seconds / 1e9:7.1f} GFLOP/s "
-              f"= {flops / seconds / 1e9 / peak:.1%} of the bf16 matmul peak ({peak:.0f} GFLOP/s)", flush=True)
+        print(
+            f"{precision}: {tokens / seconds:8.1f} tokens/s, {flops / seconds / 1e9:7.1f} GFLOP/s "
+            f"= {flops / seconds / 1e9 / peak:.1%} of the bf16 matmul peak ({peak:.0f} GFLOP/s)",
+            flush=True,
+        )
     result["bf16_speedup_over_fp32"] = round(float(result["bf16_tokens_per_s"]) / float(result["fp32_tokens_per_s"]), 2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,7 @@ def chatterbot_data_dir() -> Path:
     """
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "chatterbot_corpus is not installed; install 'chatterbot-corpus==1.3.3'"
-        )
+        raise ModuleNotFoundError("chatterbot_corpus is not installed; install 'chatterbot-corpus==1.3.3'")
     data_dir = Path(next(iter(spec.submodule_search_locations))) / "data"
     if not data_dir.is_dir():
         raise FileNotFoundError(f"chatterbot_corpus has no data folder at {data_dir}")
@@ -79,9 +77,7 @@ def _load_topic(path: Path) -> list[Messages]:
     return [messages for messages in converted if messages is not None]
 
 
-def load_chatterbot(
-    languages: tuple[str, ...] | None = None, *, data_dir: Path | None = None
-) -> Slices:
+def load_chatterbot(languages: tuple[str, ...] | None = None, *, data_dir: Path | None = None) -> Slices:
     """Load chatterbot-corpus dialogues as chat conversations, one slice per language/topic.
 
     Each dialogue becomes alternating messages, the first from the user. Dialogues with
@@ -112,9 +108,7 @@ def load_chatterbot(
     wanted = available if languages is None else tuple(dict.fromkeys(languages))
     unknown = sorted(set(wanted) - set(available))
     if unknown:
-        raise ValueError(
-            f"unknown chatterbot languages {unknown}; available: {', '.join(available)}"
-        )
+        raise ValueError(f"unknown chatterbot languages {unknown}; available: {', '.join(available)}")
     slices: Slices = {}
     for language in sorted(wanted):
         for path in sorted((root / language).glob("*.yml")):

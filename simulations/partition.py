@@ -78,9 +78,7 @@ def _split_heldout(
     )
 
 
-def _finish(
-    names: list[str], shares: list[list[Messages]], heldout_fraction: float, seed: int
-) -> list[DeviceData]:
+def _finish(names: list[str], shares: list[list[Messages]], heldout_fraction: float, seed: int) -> list[DeviceData]:
     """Split every device's share, each with its own stream so devices do not interact."""
     return [
         _split_heldout(name, share, heldout_fraction, np.random.default_rng([seed, index]))
@@ -101,15 +99,10 @@ def _pool(slices: Slices) -> tuple[list[Messages], np.ndarray]:
 def _check_pool_size(total: int, num_devices: int) -> None:
     """Every device needs at least ``_MIN_PER_DEVICE`` conversations."""
     if total < _MIN_PER_DEVICE * num_devices:
-        raise ValueError(
-            f"{total} conversations cannot give {num_devices} devices at least "
-            f"{_MIN_PER_DEVICE} each"
-        )
+        raise ValueError(f"{total} conversations cannot give {num_devices} devices at least {_MIN_PER_DEVICE} each")
 
 
-def partition_by_slice(
-    slices: Slices, num_devices: int, heldout_fraction: float, seed: int
-) -> list[DeviceData]:
+def partition_by_slice(slices: Slices, num_devices: int, heldout_fraction: float, seed: int) -> list[DeviceData]:
     """One device per (language, topic) slice, taking the ``num_devices`` largest.
 
     Slices are ranked by size, largest first, ties broken by (language, topic) name.
@@ -126,9 +119,7 @@ def partition_by_slice(
     return _finish(names, [list(slices[key]) for key in ranked], heldout_fraction, seed)
 
 
-def partition_iid(
-    slices: Slices, num_devices: int, heldout_fraction: float, seed: int
-) -> list[DeviceData]:
+def partition_iid(slices: Slices, num_devices: int, heldout_fraction: float, seed: int) -> list[DeviceData]:
     """Pool every slice, shuffle, and deal near-equal shares (sizes differ by at most 1).
 
     Raises:

@@ -24,6 +24,13 @@ class SimulationError(RuntimeError):
     """The simulated run did not complete (the reason is in the message)."""
 
 
+class _DropDeprecationNotice(logging.Filter):
+    """Hide Flower's notice that the Python simulation API is deprecated: we pin 1.39."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
+
+
 def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
     """Run (or resume) ``cfg`` in simulation; returns the run folder.
 
@@ -45,6 +52,8 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
     }
     error: BaseException | None = None
+    notice = _DropDeprecationNotice()
+    logging.getLogger("flwr").addFilter(notice)
     try:
         run_simulation(
             server_app=server_app_for(cfg),
@@ -56,6 +65,7 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
     except BaseException as err:  # noqa: BLE001 - reported below with the run's own status
         error = err
     finally:
+        logging.getLogger("flwr").removeFilter(notice)
         if ray.is_initialized():
             ray.shutdown()
     status_path = run_dir / wire.STATUS_FILE

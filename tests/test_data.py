@@ -113,7 +113,7 @@ def test_labels_are_assistant_content_plus_end_of_turn(tokenizer: PreTrainedToke
     # The trailing newline after <|im_end|> is template glue, not supervised.
     assert example["labels"][-1] == IGNORE_INDEX
     assert tokenizer.decode(example["input_ids"][-1:]) == "\n"
-    supervised = [(i, t) for i, t in zip(example["input_ids"], example["labels"]) if t != -100]
+    supervised = [(i, t) for i, t in zip(example["input_ids"], example["labels"], strict=True) if t != -100]
     assert all(i == t for i, t in supervised)
 
 
@@ -182,8 +182,8 @@ examples_strategy = st.lists(
 @given(examples=examples_strategy, block_size=st.integers(1, 16))
 def test_pack_preserves_the_token_stream(examples, block_size):
     blocks = pack(examples, block_size)
-    pairs = [p for e in examples for p in zip(e["input_ids"], e["labels"])]
-    packed = [p for b in blocks for p in zip(b["input_ids"], b["labels"])]
+    pairs = [p for e in examples for p in zip(e["input_ids"], e["labels"], strict=True)]
+    packed = [p for b in blocks for p in zip(b["input_ids"], b["labels"], strict=True)]
     if len(pairs) <= block_size:
         assert packed == pairs
         assert len(blocks) == (1 if pairs else 0)

@@ -1,0 +1,118 @@
+"""Tests for server/checkpoint.py: a saved round resumes to an equal ServerState, and the
+newest round wins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig
+from edgetune.wire import CHECKPOINT_DIR, UPDATES_DIR
+from server.checkpoint import latest_checkpoint, save_checkpoint, save_update
+from server.strategy import DeltaFedAvg, ServerState
+
+
+def _server(shapes: dict[str, tuple[int, ...]], codec: str = "1bit") -> DeltaFedAvg:
+    cfg = RunConfig(lora=LoraConfig(rank=4), model=ModelConfig(base="tiny"), federation=FederationConfig(codec=codec))
+    return DeltaFedAvg(shapes, cfg)
+
+
+def _round(fed: DeltaFedAvg, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    deltas = [{k: torch.randn(fed.sent_shapes[k], generator=gen) * 0.01 for k in fed.names} for _ in range(2)]
+    fed.aggregate(deltas, [1.0, 3.0])
+
+
+def _save_round(run_dir: Path, round_: int, fed: DeltaFedAvg) -> None:
+    save_update(run_dir, fed.state.version, fed.state.updates[fed.state.version])
+    save_checkpoint(run_dir, round_, fed.state)
+
+
+def _assert_same_state(a: ServerState, b: ServerState) -> None:
+    assert a.version == b.version
+    assert a.held == b.held
+    for mine, theirs in ((a.adapter, b.adapter), (a.residual, b.residual)):
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert a.updates.keys() == b.updates.keys()
+    for v in a.updates:
+        assert a.updates[v].keys() == b.updates[v].keys()
+        for k in a.updates[v]:
+            assert a.updates[v][k].dtype == b.updates[v][k].dtype
+            np.testing.assert_array_equal(a.updates[v][k], b.updates[v][k])
+
+
+def test_no_checkpoint_is_none(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path) is None
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    assert latest_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("codec", ["1bit", "fp16", "fp32"])
+def test_checkpoint_round_trip(tmp_path: Path, tiny_shapes, codec: str) -> None:
+    fed = _server(tiny_shapes, codec)
+    for r in range(1, 4):
+        _round(fed, r)
+        fed.record_device(node_id=r, device_id=f"dev-{r}", version=fed.state.version - 1)
+        _save_round(tmp_path, r, fed)
+    loaded = latest_checkpoint(tmp_path)
+    assert loaded is not None
+    round_, state = loaded
+    assert round_ == 3
+    assert state.held == {"dev-1": 0, "dev-2": 1, "dev-3": 2}
+    _assert_same_state(state, fed.state)
+    assert sorted(p.name for p in (tmp_path / UPDATES_DIR).iterdir()) == [
+        "v0001.safetensors",
+        "v0002.safetensors",
+        "v0003.safetensors",
+    ]
+
+
+def test_resumed_server_continues_identically(tmp_path: Path, tiny_shapes) -> None:
+    fed = _server(tiny_shapes)
+    for r in (1, 2):
+        _round(fed, r)
+        _save_round(tmp_path, r, fed)
+    _, state = latest_checkpoint(tmp_path)
+    resumed = DeltaFedAvg(tiny_shapes, fed.cfg, state)
+    _round(fed, 3)
+    _round(resumed, 3)
+    _assert_same_state(resumed.state, fed.state)
+
+
+def test_latest_picks_the_newest_round(tmp_path: Path, tiny_shapes) -> None:
+    fed = _server(tiny_shapes)
+    _round(fed, 1)
+    _save_round(tmp_path, 1, fed)
+    save_checkpoint(tmp_path, 2, fed.state)  # a round whose replies were all dropped: same version
+    _round(fed, 3)
+    _save_round(tmp_path, 3, fed)
+    round_, state = latest_checkpoint(tmp_path)
+    assert round_ == 3 and state.version == 2
+    _assert_same_state(state, fed.state)
+
+
+def test_latest_picks_the_newest_round_past_9999(tmp_path: Path, tiny_shapes) -> None:
+    fed = _server(tiny_shapes)
+    save_checkpoint(tmp_path, 9999, fed.state)
+    save_checkpoint(tmp_path, 10000, fed.state)
+    assert latest_checkpoint(tmp_path)[0] == 10000
+
+
+def test_unreadable_newest_checkpoint_raises_naming_it(tmp_path: Path, tiny_shapes) -> None:
+    fed = _server(tiny_shapes)
+    save_checkpoint(tmp_path, 1, fed.state)
+    (tmp_path / CHECKPOINT_DIR / "round_0002.safetensors").write_bytes(b"half a file")
+    with pytest.raises(ValueError, match="round_0002"):
+        latest_checkpoint(tmp_path)
+
+
+def test_missing_update_raises(tmp_path: Path, tiny_shapes) -> None:
+    fed = _server(tiny_shapes)
+    _round(fed, 1)
+    save_checkpoint(tmp_path, 1, fed.state)  # the update file was never written
+    with pytest.raises(FileNotFoundError, match="v0001"):
+        latest_checkpoint(tmp_path)

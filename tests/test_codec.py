@@ -1,0 +1,327 @@
+"""Tests for adapters/codec.py: fp32/fp16/1-bit round trips, hand-computed 1-bit payloads,
+byte counts, error feedback, payload validation and the grid rule of ``apply_update``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adapters.codec import (
+    CodecError,
+    apply_update,
+    compress,
+    decode,
+    encode,
+    full_codec,
+    grid_dtype,
+    payload_bytes,
+    raw_bytes,
+)
+
+SMOLLM2_B_SHAPES = {"q_proj.B": (576, 8), "k_proj.B": (192, 8), "up_proj.B": (1536, 8)}
+
+
+def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- round trips -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 7), (7, 3), (4, 4), (2, 3, 4)])
+def test_fp32_round_trip_is_exact(shape: tuple[int, ...]) -> None:
+    state = {"w": _randn(*shape)}
+    out = decode(encode(state, "fp32"), _shapes(state), "fp32")
+    assert torch.equal(out["w"], state["w"])
+    assert out["w"].dtype == torch.float32
+
+
+def test_fp16_round_trip_is_exact_on_fp16_values() -> None:
+    state = {"a": _randn(8, 3).half().float(), "b": (_randn(3, 8, seed=1) * 1e3).half().float()}
+    out = decode(encode(state, "fp16"), _shapes(state), "fp16")
+    for k in state:
+        assert torch.equal(out[k], state[k])
+
+
+def test_fp16_round_trip_rounds_other_values_to_nearest_fp16() -> None:
+    state = {"w": _randn(6, 5)}
+    out = decode(encode(state, "fp16"), _shapes(state), "fp16")
+    assert torch.equal(out["w"], state["w"].half().float())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_1bit_preserves_signs_and_scales_are_row_means(rows: int, cols: int, seed: int) -> None:
+    t = _randn(rows, cols, seed=seed)
+    out = decode(encode({"w": t}, "1bit"), {"w": (rows, cols)}, "1bit")["w"]
+    # Sign: x >= 0 decodes non-negative, x < 0 negative (scales of random data are > 0).
+    assert torch.equal(out >= 0, t >= 0)
+    assert torch.equal(out < 0, t < 0)
+    # Rows run along the longer axis: one scale per index of the shorter one.
+    dim = 1 if rows <= cols else 0
+    expected = t.abs().mean(dim=dim, keepdim=True).half().float().expand_as(t)
+    assert torch.equal(out.abs(), expected)
+
+
+def test_1bit_lora_b_gets_rank_scales_and_lora_a_too() -> None:
+    b, a = _randn(64, 4), _randn(4, 128, seed=1)
+    payload = encode({"B": b, "A": a}, "1bit")
+    assert payload["B:scales"].shape == (4,)
+    assert payload["A:scales"].shape == (4,)
+    np.testing.assert_array_equal(payload["B:scales"], b.abs().mean(dim=0).numpy().astype(np.float16))
+    np.testing.assert_array_equal(payload["A:scales"], a.abs().mean(dim=1).numpy().astype(np.float16))
+
+
+def test_1bit_hand_computed_wide_tensor() -> None:
+    # Rows along axis 1 (length 3): mean|x| = (0.5+1.5+1)/3 = 1 and (2+0+4)/3 = 2.
+    t = torch.tensor([[0.5, -1.5, 1.0], [-2.0, 0.0, 4.0]])
+    payload = encode({"w": t}, "1bit")
+    np.testing.assert_array_equal(payload["w:scales"], np.array([1.0, 2.0], dtype=np.float16))
+    # Signs (x >= 0) row by row: 1 0 1 | 0 1 1 | pad 0 0  ->  0b10101100.
+    np.testing.assert_array_equal(payload["w:bits"], np.array([0b10101100], dtype=np.uint8))
+    out = decode(payload, {"w": (2, 3)}, "1bit")["w"]
+    assert out.tolist() == [[1.0, -1.0, 1.0], [-2.0, 2.0, 2.0]]
+
+
+def test_1bit_hand_computed_lora_b_shape() -> None:
+    # B (out=4, r=2): one scale per column: (1+1+2+0)/4 = 1 and (3+1+1+3)/4 = 2.
+    t = torch.tensor([[1.0, -3.0], [-1.0, 1.0], [2.0, -1.0], [0.0, 3.0]])
+    payload = encode({"B": t}, "1bit")
+    np.testing.assert_array_equal(payload["B:scales"], np.array([1.0, 2.0], dtype=np.float16))
+    # Column 0 signs 1 0 1 1, column 1 signs 0 1 0 1 -> 0b10110101.
+    np.testing.assert_array_equal(payload["B:bits"], np.array([0b10110101], dtype=np.uint8))
+    out = decode(payload, {"B": (4, 2)}, "1bit")["B"]
+    assert out.tolist() == [[1.0, -2.0], [-1.0, 2.0], [1.0, -2.0], [1.0, 2.0]]
+
+
+def test_docstring_example() -> None:
+    p = encode({"w": torch.tensor([[0.5, -1.5]])}, "1bit")
+    assert decode(p, {"w": (1, 2)}, "1bit")["w"].tolist() == [[1.0, -1.0]]
+
+
+def test_encode_rejects_non_finite_and_unknown_codec() -> None:
+    with pytest.raises(CodecError, match="'w'"):
+        encode({"w": torch.tensor([1.0, float("nan")])}, "1bit")
+    with pytest.raises(CodecError, match="'w'"):
+        encode({"w": torch.tensor([1.0, float("inf")])}, "fp16")
+    with pytest.raises(CodecError, match="bf8"):
+        encode({"w": torch.zeros(2)}, "bf8")
+
+
+def test_encode_does_not_mutate_input() -> None:
+    t = _randn(4, 6)
+    before = t.clone()
+    encode({"w": t}, "1bit")
+    assert torch.equal(t, before)
+
+
+# --- bytes -------------------------------------------------------------------------------
+
+
+def test_1bit_payload_bytes_of_576_by_8() -> None:
+    payload = encode({"B": _randn(576, 8)}, "1bit")
+    assert payload["B:bits"].nbytes == 576  # 576 * 8 bits
+    assert payload["B:scales"].nbytes == 8 * 2  # 8 fp16 scales
+    assert payload_bytes(payload) == 576 + 16
+
+
+def test_fp_payload_bytes() -> None:
+    state = {"B": _randn(576, 8)}
+    assert payload_bytes(encode(state, "fp32")) == 576 * 8 * 4 == raw_bytes(_shapes(state))
+    assert payload_bytes(encode(state, "fp16")) == 576 * 8 * 2 == raw_bytes(_shapes(state), itemsize=2)
+
+
+@pytest.mark.parametrize("name", sorted(SMOLLM2_B_SHAPES))
+def test_1bit_compression_ratio_at_least_25x_for_smollm2_lora_b(name: str) -> None:
+    shapes = {name: SMOLLM2_B_SHAPES[name]}
+    payload = encode({name: _randn(*shapes[name])}, "1bit")
+    assert raw_bytes(shapes) / payload_bytes(payload) >= 25
+
+
+def test_1bit_compression_ratio_of_smollm2_adapter_both_directions() -> None:
+    b_shapes = SMOLLM2_B_SHAPES
+    a_shapes = {k.replace(".B", ".A"): (8, 576) for k in b_shapes}
+    for shapes in (b_shapes, {**b_shapes, **a_shapes}):
+        payload = encode({k: _randn(*s) for k, s in shapes.items()}, "1bit")
+        assert raw_bytes(shapes) / payload_bytes(payload) >= 25
+
+
+# --- error feedback ----------------------------------------------------------------------
+
+
+def test_compress_returns_what_the_receiver_decodes() -> None:
+    delta, residual = {"B": _randn(32, 4)}, {"B": _randn(32, 4, seed=1) * 0.1}
+    payload, decoded, new_residual = compress(delta, residual, "1bit")
+    assert torch.equal(decode(payload, {"B": (32, 4)}, "1bit")["B"], decoded["B"])
+    torch.testing.assert_close(new_residual["B"], delta["B"] + residual["B"] - decoded["B"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("codec", ["1bit", "fp16", "fp32"])
+def test_error_feedback_sum_of_decoded_plus_residual_is_sum_of_deltas(codec: str) -> None:
+    residual = None
+    sent = torch.zeros(32, 4, dtype=torch.float64)
+    true = torch.zeros(32, 4, dtype=torch.float64)
+    norms = []
+    for t in range(60):
+        delta = {"B": _randn(32, 4, seed=t) * 0.01}
+        _, decoded, residual = compress(delta, residual, codec)
+        sent += decoded["B"].double()
+        true += delta["B"].double()
+        norms.append(float(residual["B"].norm()))
+    # Telescoping: sum_t decoded_t + r_T == sum_t d_t; what was dropped is only the last r.
+    torch.testing.assert_close(sent + residual["B"].double(), true, rtol=0, atol=1e-6)
+    # The residual stays bounded (about one delta's norm), it does not grow with rounds.
+    delta_norm = float((_randn(32, 4) * 0.01).norm())
+    assert max(norms) < 2 * delta_norm
+    assert max(norms[30:]) < 2 * max(norms[:30]) + 1e-12
+
+
+def test_error_feedback_recovers_what_1bit_drops_without_it() -> None:
+    # A constant delta whose entries differ in size: sign coding alone biases every round.
+    delta = {"w": torch.tensor([[1.0, 1.0, 1.0, 0.1]])}
+    rounds = 100
+    with_ef, without_ef, residual = torch.zeros(1, 4), torch.zeros(1, 4), None
+    for _ in range(rounds):
+        _, decoded, residual = compress(delta, residual, "1bit")
+        with_ef += decoded["w"]
+        without_ef += compress(delta, None, "1bit")[1]["w"]
+    target = delta["w"] * rounds
+    err_with = float((with_ef - target).abs().max())
+    err_without = float((without_ef - target).abs().max())
+    assert err_without > 60  # (0.775 - 0.1) * 100 on the last entry
+    assert err_with < 2  # bounded by the final residual
+    torch.testing.assert_close(with_ef + residual["w"], target, rtol=0, atol=1e-4)
+
+
+# --- decode validation -------------------------------------------------------------------
+
+
+def _good_1bit() -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    state = {"B": _randn(16, 4), "A": _randn(4, 16, seed=1)}
+    return encode(state, "1bit"), _shapes(state)
+
+
+def _drop(p: dict[str, np.ndarray]) -> None:
+    del p["B:scales"]
+
+
+def _extra(p: dict[str, np.ndarray]) -> None:
+    p["C:bits"] = p["B:bits"].copy()
+
+
+def _bits_dtype(p: dict[str, np.ndarray]) -> None:
+    p["B:bits"] = p["B:bits"].astype(np.int16)
+
+
+def _scales_dtype(p: dict[str, np.ndarray]) -> None:
+    p["B:scales"] = p["B:scales"].astype(np.float32)
+
+
+def _bits_shape(p: dict[str, np.ndarray]) -> None:
+    p["B:bits"] = np.concatenate([p["B:bits"], p["B:bits"][:1]])
+
+
+def _scales_shape(p: dict[str, np.ndarray]) -> None:
+    p["A:scales"] = p["A:scales"][:-1]
+
+
+def _nan_scale(p: dict[str, np.ndarray]) -> None:
+    p["B:scales"] = p["B:scales"].copy()
+    p["B:scales"][1] = np.nan
+
+
+def _inf_scale(p: dict[str, np.ndarray]) -> None:
+    p["A:scales"] = p["A:scales"].copy()
+    p["A:scales"][0] = np.inf
+
+
+def _negative_scale(p: dict[str, np.ndarray]) -> None:
+    p["B:scales"] = p["B:scales"].copy()
+    p["B:scales"][0] = -1.0
+
+
+def _not_an_array(p: dict[str, np.ndarray]) -> None:
+    p["B:scales"] = p["B:scales"].tolist()  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (_drop, "missing"),
+        (_extra, "unexpected"),
+        (_bits_dtype, "dtype"),
+        (_scales_dtype, "dtype"),
+        (_bits_shape, "shape"),
+        (_scales_shape, "shape"),
+        (_nan_scale, "NaN or inf"),
+        (_inf_scale, "NaN or inf"),
+        (_negative_scale, "negative"),
+        (_not_an_array, "dtype"),
+    ],
+)
+def test_decode_rejects_bad_1bit_payloads(corrupt, message: str) -> None:
+    payload, shapes = _good_1bit()
+    decode(payload, shapes, "1bit")  # the uncorrupted payload is fine
+    corrupt(payload)
+    with pytest.raises(CodecError, match=message):
+        decode(payload, shapes, "1bit")
+
+
+@pytest.mark.parametrize("codec", ["fp16", "fp32"])
+def test_decode_rejects_bad_value_payloads(codec: str) -> None:
+    state = {"w": _randn(3, 5)}
+    shapes = _shapes(state)
+    good = encode(state, codec)
+    other = "fp32" if codec == "fp16" else "fp16"
+    cases = [
+        {},
+        {**good, "v:values": good["w:values"]},
+        {"w:values": good["w:values"].astype(other.replace("fp", "float"))},
+        {"w:values": good["w:values"].reshape(5, 3)},
+        {"w:values": np.full((3, 5), np.inf, dtype=good["w:values"].dtype)},
+        {"w:bits": np.zeros(2, np.uint8), "w:scales": np.ones(3, np.float16)},
+    ]
+    for bad in cases:
+        with pytest.raises(CodecError):
+            decode(bad, shapes, codec)
+
+
+# --- grid rule ---------------------------------------------------------------------------
+
+
+def test_grid_and_full_codec() -> None:
+    assert grid_dtype("fp32") == torch.float32
+    assert grid_dtype("fp16") == grid_dtype("1bit") == torch.float16
+    assert full_codec("fp32") == "fp32"
+    assert full_codec("fp16") == full_codec("1bit") == "fp16"
+
+
+@pytest.mark.parametrize("codec", ["1bit", "fp16"])
+def test_apply_update_keeps_values_on_the_fp16_grid(codec: str) -> None:
+    state = {"A": _randn(4, 16), "B": _randn(16, 4, seed=1)}
+    update = decode(encode({"B": _randn(16, 4, seed=2) * 1e-3}, codec), {"B": (16, 4)}, codec)
+    out = apply_update(state, update, codec)
+    assert torch.equal(out["B"].half().float(), out["B"])
+    assert out["B"].dtype == torch.float32
+    assert torch.equal(out["B"], (state["B"] + update["B"]).half().float())
+    assert out["A"] is state["A"]  # keys the update lacks (a frozen A) are untouched
+    again = apply_update(state, update, codec)
+    assert all(torch.equal(out[k], again[k]) for k in out)
+
+
+def test_apply_update_fp32_is_plain_addition() -> None:
+    state, update = {"B": _randn(8, 2)}, {"B": _randn(8, 2, seed=1)}
+    out = apply_update(state, update, "fp32")
+    assert torch.equal(out["B"], state["B"] + update["B"])
+    assert torch.equal(state["B"], _randn(8, 2))  # input not mutated
