@@ -35,6 +35,7 @@ __all__ = [
     "compress",
     "decode",
     "encode",
+    "expected_payload_bytes",
     "full_codec",
     "grid_dtype",
     "payload_bytes",
@@ -169,6 +170,13 @@ def apply_update(state: StateDict, update: StateDict, codec: str) -> StateDict:
 def payload_bytes(payload: Payload) -> int:
     """Bytes of array data in a payload (what a fair byte count compares)."""
     return int(sum(a.nbytes for a in payload.values()))
+
+
+def expected_payload_bytes(shapes: dict[str, tuple[int, ...]], codec: str) -> int:
+    """Array bytes a valid payload of ``codec`` for these tensors holds."""
+    if codec == "1bit":
+        return int(sum((math.prod(s) + 7) // 8 + 2 * _num_scales(s) for s in shapes.values()))
+    return raw_bytes(shapes, np.dtype(_VALUE_DTYPES[codec]).itemsize)
 
 
 def raw_bytes(shapes: dict[str, tuple[int, ...]], itemsize: int = 4) -> int:

@@ -19,7 +19,15 @@ from edgetune.config import LoraConfig
 
 from .lora import peft_config
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "atomic_save", "atomic_write_text", "load_adapter", "load_tensors", "save_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "atomic_save",
+    "atomic_write_text",
+    "load_adapter",
+    "load_tensors",
+    "save_adapter",
+]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -67,8 +75,8 @@ def load_tensors(path: Path) -> StateDict:
         raise ValueError(f"corrupt safetensors file {path}: {err}") from err
 
 
-def save_adapter(folder: Path, state: StateDict, lora: LoraConfig, base_model: str) -> None:
-    """Save a full adapter (A and B) as a PEFT folder."""
+def save_adapter(folder: Path, state: StateDict, lora: LoraConfig, base_model: str | None) -> None:
+    """Save a full adapter (A and B) as a PEFT folder (``base_model``: a local path or None)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = peft_config(lora).to_dict()
     config["base_model_name_or_path"] = base_model

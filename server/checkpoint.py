@@ -55,7 +55,11 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, ServerState] | None:
     Raises:
         ValueError: the newest checkpoint or an update it needs is unreadable.
     """
-    paths = {int(m.group(1)): p for p in (run_dir / CHECKPOINT_DIR).glob("round_*.safetensors") if (m := _CKPT.search(p.name))}
+    paths = {
+        int(m.group(1)): p
+        for p in (run_dir / CHECKPOINT_DIR).glob("round_*.safetensors")
+        if (m := _CKPT.search(p.name))
+    }
     if not paths:
         return None
     round_ = max(paths)

@@ -67,6 +67,7 @@ class Federation:
         self.fed = DeltaFedAvg(shapes, cfg, None if resumed is None else resumed[1])
         self.fp32_bytes = raw_bytes(self.fed.sent_shapes)
         self.config_json = json.dumps(to_flat(cfg))
+        self.valid_replies = 0
 
     def _message(self, node: int, kind: str, round_: int) -> tuple[Message, int]:
         records, nbytes = self.fed.downlink(node)
@@ -97,7 +98,7 @@ class Federation:
         m.fp32_bytes_down += self.fp32_bytes * len(nodes)
         losses, tokens = [], []
         for reply in replies:
-            r = validate_eval(reply, round_)
+            r = validate_eval(reply, round_, self.fed.state.version)
             if isinstance(r, Rejection):
                 log.warning("round %d: evaluate reply from node %d dropped: %s", round_, r.node_id, r.reason)
                 continue
@@ -110,18 +111,19 @@ class Federation:
 
     def train(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
         fed = self.fed
-        by_device = {d: n for n, d in fed.node_devices.items()}
-        devices = sorted(by_device)
+        # Sample over stable device ids (node ids change when a simulation restarts); a node
+        # not yet identified by a valid reply is still eligible, under its node id.
+        by_device = {fed.node_devices.get(n, f"node-{n}"): n for n in nodes}
         rng = np.random.default_rng([self.cfg.seed, round_])
-        k = min(self.cfg.federation.sampled, len(devices))
-        chosen = sorted(by_device[d] for d in rng.choice(devices, size=k, replace=False)) if devices else nodes
+        k = min(self.cfg.federation.sampled, len(by_device))
+        chosen = sorted(by_device[d] for d in rng.choice(sorted(by_device), size=k, replace=False))
         replies, down = self._send(chosen, "train", round_)
         m.bytes_down += down
         m.fp32_bytes_down += self.fp32_bytes * len(chosen)
         max_examples = self.cfg.train.local_steps * self.cfg.train.batch_size
         valid: list[TrainReply] = []
         for reply in replies:
-            r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples)
+            r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples, fed.state.version)
             if isinstance(r, Rejection):
                 log.warning("round %d: train reply from node %d dropped: %s", round_, r.node_id, r.reason)
                 m.rejected.append(f"node {r.node_id}: {r.reason}")
@@ -134,6 +136,7 @@ class Federation:
             m.train_seconds += float(r.metrics.get(wire.SECONDS, 0.0))
             m.per_device.setdefault(r.device_id, {})["train_loss"] = float(r.metrics[wire.TRAIN_LOSS])
         m.replies = len(valid)
+        self.valid_replies += len(valid)
         if len(valid) < self.cfg.federation.min_replies:
             log.warning(
                 "round %d: %d valid replies < min-replies %d; global adapter unchanged",
@@ -178,9 +181,10 @@ class Federation:
             bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-", replies=m.replies)
 
 
-def _base_name(cfg: RunConfig) -> str:
+def _base_name(cfg: RunConfig) -> str | None:
+    """What the PEFT folder names as its base: the local model folder (None for tiny)."""
     folder = resolve_base(cfg.model.base)
-    return str(folder) if folder is not None else cfg.model.base
+    return str(folder.resolve()) if folder is not None else None
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> None:
@@ -192,20 +196,27 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     status = run_dir / wire.STATUS_FILE
-    saved = run_dir / wire.CONFIG_FILE
-    if saved.is_file() and (run_dir / wire.CHECKPOINT_DIR).is_dir():
-        old = json.loads(saved.read_text())
-        changed = {k for k in old if old.get(k) != to_flat(cfg).get(k) and k != "federation.rounds"}
-        if changed:
-            raise FederationError(
-                f"run folder {run_dir} was made with other settings ({sorted(changed)}); "
-                "use a new --run-dir or the same settings to resume"
-            )
-    atomic_write_text(saved, dumps(cfg))
     atomic_write_text(status, json.dumps({"status": "running"}))
     try:
+        _check_resumable(run_dir, cfg)
+        atomic_write_text(run_dir / wire.CONFIG_FILE, dumps(cfg))
         Federation(grid, cfg, run_dir).run()
     except BaseException as err:
         atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
         raise
     atomic_write_text(status, json.dumps({"status": "completed"}))
+
+
+def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    """A run folder with checkpoints resumes only under the settings that made them."""
+    saved = run_dir / wire.CONFIG_FILE
+    if not (saved.is_file() and (run_dir / wire.CHECKPOINT_DIR).is_dir()):
+        return
+    old, new = json.loads(saved.read_text()), to_flat(cfg)
+    free = {"federation.rounds", "run-dir", "federation.reply-timeout"}
+    changed = sorted(k for k in old.keys() | new.keys() if k not in free and old.get(k) != new.get(k))
+    if changed:
+        raise FederationError(
+            f"run folder {run_dir} was made with other settings ({changed}); "
+            "use a new --run-dir, or the same settings to resume"
+        )

@@ -70,7 +70,7 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
             ray.shutdown()
     status_path = run_dir / wire.STATUS_FILE
     status = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "missing"}
-    if status.get("status") != "completed":
+    if error is not None or status.get("status") != "completed":
         reason = status.get("error") or (f"{type(error).__name__}: {error}" if error else "no status written")
         raise SimulationError(f"simulation in {run_dir} did not complete: {reason}") from error
     return run_dir

@@ -354,12 +354,6 @@ BYTES_THAT_CRASH = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validate_train catches only ValueError/TypeError/KeyError/CodecError around "
-    "Array.numpy(); np.load raises EOFError on empty data and MemoryError on a header that "
-    "claims a huge shape, so one reply crashes the server's round",
-)
 @pytest.mark.parametrize("array", BYTES_THAT_CRASH.values(), ids=BYTES_THAT_CRASH.keys())
 def test_undecodable_array_bytes_never_raise(array: Array) -> None:
     content = _train_content()
@@ -368,12 +362,6 @@ def test_undecodable_array_bytes_never_raise(array: Array) -> None:
     assert isinstance(r, Rejection)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _common only checks that held-version exists; federation.py then calls "
-    "int(metrics['held-version']) (NaN: ValueError) and uses it as a version (-1: KeyError "
-    "in the next downlink), ending the run",
-)
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1], ids=["nan", "inf", "negative"])
 def test_held_version_must_be_a_valid_version(value: float) -> None:
     content = _train_content()
@@ -478,20 +466,8 @@ class ScriptedGrid:
         return [self._answer(m) for m in messages]
 
 
-_BAD_METRICS_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: validation does not check held-version (eval and train) or num-tokens (train), "
-    "and server/federation.py converts them with int(...) / uses them as versions: one device "
-    "ends the run (ValueError: cannot convert float NaN to integer, or KeyError: 0)",
-)
 
 
-_UNSAMPLED_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Federation.train samples only devices known from *valid* evaluate replies "
-    "(fed.node_devices), so a device whose evaluate reply is dropped (NaN loss: no held-out "
-    "tokens) is never trained, though devices-per-round=0 means all of them",
-)
 
 
 @pytest.mark.parametrize(
@@ -499,10 +475,10 @@ _UNSAMPLED_BUG = pytest.mark.xfail(
     [
         pytest.param("train", {}, id="all replies good"),
         pytest.param("train", {wire.TRAIN_LOSS: math.nan}, id="train-loss NaN"),
-        pytest.param("evaluate", {wire.EVAL_LOSS: math.nan}, id="eval-loss NaN", marks=_UNSAMPLED_BUG),
-        pytest.param("evaluate", {wire.HELD_VERSION: math.nan}, id="eval held-version NaN", marks=_BAD_METRICS_BUG),
-        pytest.param("evaluate", {wire.HELD_VERSION: -1}, id="eval held-version -1", marks=_BAD_METRICS_BUG),
-        pytest.param("train", {wire.NUM_TOKENS: math.nan}, id="train num-tokens NaN", marks=_BAD_METRICS_BUG),
+        pytest.param("evaluate", {wire.EVAL_LOSS: math.nan}, id="eval-loss NaN"),
+        pytest.param("evaluate", {wire.HELD_VERSION: math.nan}, id="eval held-version NaN"),
+        pytest.param("evaluate", {wire.HELD_VERSION: -1}, id="eval held-version -1"),
+        pytest.param("train", {wire.NUM_TOKENS: math.nan}, id="train num-tokens NaN"),
     ],
 )
 def test_one_device_with_bad_metrics_never_ends_the_run(
