@@ -68,6 +68,7 @@ class Federation:
         self.fp32_bytes = raw_bytes(self.fed.sent_shapes)
         self.config_json = json.dumps(to_flat(cfg))
         self.valid_replies = 0
+        self.base_name = _base_name(cfg)
 
     def _message(self, node: int, kind: str, round_: int) -> tuple[Message, int]:
         records, nbytes = self.fed.downlink(node)
@@ -101,6 +102,7 @@ class Federation:
             r = validate_eval(reply, round_, self.fed.state.version)
             if isinstance(r, Rejection):
                 log.warning("round %d: evaluate reply from node %d dropped: %s", round_, r.node_id, r.reason)
+                m.rejected.append(f"evaluate, node {r.node_id}: {r.reason}")
                 continue
             self.fed.record_device(r.node_id, r.device_id, int(r.metrics[wire.HELD_VERSION]))
             losses.append(float(r.metrics[wire.EVAL_LOSS]))
@@ -109,24 +111,25 @@ class Federation:
         if losses and sum(tokens) > 0:
             m.eval_loss = float(np.average(losses, weights=tokens))
 
-    def train(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
-        fed = self.fed
-        # Sample over stable device ids (node ids change when a simulation restarts); a node
-        # not yet identified by a valid reply is still eligible, under its node id.
-        by_device = {fed.node_devices.get(n, f"node-{n}"): n for n in nodes}
+    def _sample(self, round_: int, nodes: list[int]) -> list[int]:
+        """Devices to train, seeded by (run seed, round) over stable device ids.
+
+        Node ids change when a simulation restarts; device ids do not. A node not yet
+        identified by a valid reply is still eligible, under its node id.
+        """
+        by_device = {self.fed.node_devices.get(n, f"node-{n}"): n for n in nodes}
         rng = np.random.default_rng([self.cfg.seed, round_])
         k = min(self.cfg.federation.sampled, len(by_device))
-        chosen = sorted(by_device[d] for d in rng.choice(sorted(by_device), size=k, replace=False))
-        replies, down = self._send(chosen, "train", round_)
-        m.bytes_down += down
-        m.fp32_bytes_down += self.fp32_bytes * len(chosen)
-        max_examples = self.cfg.train.local_steps * self.cfg.train.batch_size
+        return sorted(by_device[d] for d in rng.choice(sorted(by_device), size=k, replace=False))
+
+    def _valid_train_replies(self, replies: list[Message], round_: int, m: RoundMetrics) -> list[TrainReply]:
+        fed, max_examples = self.fed, self.cfg.train.local_steps * self.cfg.train.batch_size
         valid: list[TrainReply] = []
         for reply in replies:
             r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples, fed.state.version)
             if isinstance(r, Rejection):
                 log.warning("round %d: train reply from node %d dropped: %s", round_, r.node_id, r.reason)
-                m.rejected.append(f"node {r.node_id}: {r.reason}")
+                m.rejected.append(f"train, node {r.node_id}: {r.reason}")
                 continue
             valid.append(r)
             fed.record_device(r.node_id, r.device_id, int(r.metrics[wire.HELD_VERSION]))
@@ -137,6 +140,14 @@ class Federation:
             m.per_device.setdefault(r.device_id, {})["train_loss"] = float(r.metrics[wire.TRAIN_LOSS])
         m.replies = len(valid)
         self.valid_replies += len(valid)
+        return sorted(valid, key=lambda r: r.device_id)  # arrival order must not change the sums
+
+    def train(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
+        chosen = self._sample(round_, nodes)
+        replies, down = self._send(chosen, "train", round_)
+        m.bytes_down += down
+        m.fp32_bytes_down += self.fp32_bytes * len(chosen)
+        valid = self._valid_train_replies(replies, round_, m)
         if len(valid) < self.cfg.federation.min_replies:
             log.warning(
                 "round %d: %d valid replies < min-replies %d; global adapter unchanged",
@@ -145,12 +156,11 @@ class Federation:
                 self.cfg.federation.min_replies,
             )
             return
-        valid.sort(key=lambda r: r.device_id)  # order-independent sums: same result on resume
         weights = [float(r.num_examples) for r in valid]
         m.train_loss = float(np.average([r.metrics[wire.TRAIN_LOSS] for r in valid], weights=weights))
-        m.aggregation_error = lora_product_error(fed.state.adapter, [r.delta for r in valid], weights)
-        payload: Payload = fed.aggregate([r.delta for r in valid], weights)
-        save_update(self.run_dir, fed.state.version, payload)
+        m.aggregation_error = lora_product_error(self.fed.state.adapter, [r.delta for r in valid], weights)
+        payload: Payload = self.fed.aggregate([r.delta for r in valid], weights)
+        save_update(self.run_dir, self.fed.state.version, payload)
 
     def run(self) -> None:
         cfg, run_dir = self.cfg, self.run_dir
@@ -174,7 +184,7 @@ class Federation:
             self.train(round_, m, nodes)
             m.version = self.fed.state.version
             save_checkpoint(run_dir, round_, self.fed.state)
-            save_adapter(run_dir / wire.ADAPTER_DIR, self.fed.state.adapter, cfg.lora, _base_name(cfg))
+            save_adapter(run_dir / wire.ADAPTER_DIR, self.fed.state.adapter, cfg.lora, self.base_name)
             self.evaluate(round_, m, nodes)
             m.seconds = time.perf_counter() - start
             append_metrics(run_dir, m)

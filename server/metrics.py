@@ -88,6 +88,7 @@ def plot_run(run_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = read_metrics(run_dir)
     rounds = [m["round"] for m in rows]
@@ -97,8 +98,9 @@ def plot_run(run_dir: Path) -> list[Path]:
     if tr:
         ax.plot(*zip(*tr, strict=True), "s--", label="local train loss")
     ax.set(xlabel="round", ylabel="loss per assistant token", title="Federated LoRA: loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower left")
     loss_png = run_dir / "loss.png"
     fig.savefig(loss_png, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -113,10 +115,16 @@ def plot_run(run_dir: Path) -> list[Path]:
             ("fp32_bytes_down", "down (fp32)"),
         ]
     ):
-        ax.bar([r + (i - 1.5) * width for r in rounds], [max(m[key], 1) for m in rows], width, label=label)
+        bars = [(r + (i - 1.5) * width, m[key]) for r, m in zip(rounds, rows, strict=True) if m[key] > 0]
+        if bars:
+            ax.bar(*zip(*bars, strict=True), width, label=label)
     ax.set_yscale("log")
+    positive = [m[k] for m in rows for k in ("bytes_up", "fp32_bytes_up", "bytes_down", "fp32_bytes_down") if m[k] > 0]
+    if positive:
+        ax.set_ylim(bottom=min(positive) / 4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="bytes (log scale)", title="Bytes moved per round")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     bytes_png = run_dir / "bytes.png"
     fig.savefig(bytes_png, dpi=120, bbox_inches="tight")
     plt.close(fig)
