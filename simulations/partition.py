@@ -32,6 +32,7 @@ __all__ = [
     "partition_by_slice",
     "partition_dirichlet",
     "partition_iid",
+    "split_heldout",
 ]
 
 SCHEMES = ("lang-topic", "iid", "dirichlet")
@@ -59,7 +60,7 @@ def _check_common(num_devices: int, heldout_fraction: float) -> None:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
 
 
-def _split_heldout(
+def split_heldout(
     name: str, conversations: list[Messages], heldout_fraction: float, rng: np.random.Generator
 ) -> DeviceData:
     """Hold out a random ``heldout_fraction`` (at least 1, leaving at least 1) of a device.
@@ -81,7 +82,7 @@ def _split_heldout(
 def _finish(names: list[str], shares: list[list[Messages]], heldout_fraction: float, seed: int) -> list[DeviceData]:
     """Split every device's share, each with its own stream so devices do not interact."""
     return [
-        _split_heldout(name, share, heldout_fraction, np.random.default_rng([seed, index]))
+        split_heldout(name, share, heldout_fraction, np.random.default_rng([seed, index]))
         for index, (name, share) in enumerate(zip(names, shares, strict=True))
     ]
 
