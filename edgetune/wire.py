@@ -50,6 +50,7 @@ DEVICE_ID = "device-id"
 # Run folder layout.
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+PENDING_FILE = "metrics.pending.json"
 CHECKPOINT_DIR = "checkpoints"
 UPDATES_DIR = "updates"
 DEVICES_DIR = "devices"

@@ -8,7 +8,8 @@ Round ``t`` (1..R):
     5. write the update and the checkpoint atomically
     6. every device evaluates the new global adapter on its held-out split
 Round 0 evaluates the initial adapter. A resumed run first re-evaluates the checkpoint's
-adapter (which also tells the server which device sits on which node), then goes on.
+adapter (which also tells the server which device sits on which node, and completes that
+round's metrics line if the crash came before it), then goes on.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from edgetune.config import RunConfig, dumps, to_flat
 from edgetune.models import model_skeleton, resolve_base
 
 from .checkpoint import latest_checkpoint, save_checkpoint, save_update
-from .metrics import RoundMetrics, append_metrics, truncate_metrics
+from .metrics import RoundMetrics, append_metrics, read_metrics, read_pending, truncate_metrics, write_pending
 from .strategy import DeltaFedAvg
 from .validate import Rejection, TrainReply, validate_eval, validate_train
 
@@ -165,10 +166,15 @@ class Federation:
     def run(self) -> None:
         cfg, run_dir = self.cfg, self.run_dir
         nodes = _wait_for_nodes(self.grid, cfg.federation.num_devices, cfg.federation.reply_timeout)
-        truncate_metrics(run_dir, self.start_round - 1)
-        first = RoundMetrics(round=self.start_round - 1, version=self.fed.state.version)
-        self.evaluate(self.start_round - 1, first, nodes)
-        if self.start_round == 1:
+        done = self.start_round - 1
+        truncate_metrics(run_dir, done)
+        logged = any(m["round"] == done for m in read_metrics(run_dir))
+        # A crash between checkpoint and metrics line: finish that round's line from the
+        # training half saved before the checkpoint, with the re-evaluation below.
+        pending = read_pending(run_dir, done) if not logged else None
+        first = pending or RoundMetrics(round=done, version=self.fed.state.version)
+        self.evaluate(done, first, nodes)
+        if not logged:
             append_metrics(run_dir, first)
         bar = tqdm(
             range(self.start_round, cfg.federation.rounds + 1),
@@ -183,6 +189,7 @@ class Federation:
             m = RoundMetrics(round=round_, version=self.fed.state.version)
             self.train(round_, m, nodes)
             m.version = self.fed.state.version
+            write_pending(run_dir, m)
             save_checkpoint(run_dir, round_, self.fed.state)
             save_adapter(run_dir / wire.ADAPTER_DIR, self.fed.state.adapter, cfg.lora, self.base_name)
             self.evaluate(round_, m, nodes)

@@ -6,9 +6,19 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgetune.wire import METRICS_FILE
+from adapters.peft_io import atomic_write_text
+from edgetune.wire import METRICS_FILE, PENDING_FILE
 
-__all__ = ["RoundMetrics", "append_metrics", "plot_run", "read_metrics", "summary_table", "truncate_metrics"]
+__all__ = [
+    "RoundMetrics",
+    "append_metrics",
+    "plot_run",
+    "read_metrics",
+    "read_pending",
+    "summary_table",
+    "truncate_metrics",
+    "write_pending",
+]
 
 
 @dataclass
@@ -48,6 +58,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
     return lines
+
+
+def write_pending(run_dir: Path, m: RoundMetrics) -> None:
+    """Keep a round's training half until its line is complete (survives a crash)."""
+    atomic_write_text(run_dir / PENDING_FILE, json.dumps(asdict(m), sort_keys=True))
+
+
+def read_pending(run_dir: Path, round_: int) -> RoundMetrics | None:
+    """The training half of round ``round_``, if that is what was pending."""
+    path = run_dir / PENDING_FILE
+    try:
+        pending = RoundMetrics(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    return pending if pending.round == round_ else None
 
 
 def truncate_metrics(run_dir: Path, last_round: int) -> None:
