@@ -51,21 +51,18 @@ def sync_global(storage: DeviceStorage, model: PeftModel, cfg: RunConfig, down: 
     """
     held = storage.load_global()
     shapes = {k: tuple(v.shape) for k, v in get_adapter(model).items()}
-    sent = exchanged_names(shapes, cfg.lora)
+    sent = {k: shapes[k] for k in exchanged_names(shapes, cfg.lora)}
+    codec = cfg.federation.codec
     state, version = held if held is not None else (init_adapter(shapes, cfg.seed), 0)
     if down.full is not None:
-        base = init_adapter(shapes, cfg.seed)
-        full = decode(down.full, {k: shapes[k] for k in sent}, full_codec(cfg.federation.codec))
-        state, version = {**base, **full}, down.version
+        full = decode(down.full, sent, full_codec(codec))
+        state, version = {**init_adapter(shapes, cfg.seed), **full}, down.version
     for v in sorted(down.updates):
         if v <= version:
             continue
         if v != version + 1:
             raise SyncError(f"device holds version {version} but the next update sent is {v}")
-        state = apply_update(
-            state, decode(down.updates[v], {k: shapes[k] for k in sent}, cfg.federation.codec), cfg.federation.codec
-        )
-        version = v
+        state, version = apply_update(state, decode(down.updates[v], sent, codec), codec), v
     if version != down.version:
         raise SyncError(f"device holds version {version}, server is at {down.version} and sent no way there")
     if held is None or held[1] != version:

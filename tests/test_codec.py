@@ -62,7 +62,7 @@ def test_fp16_round_trip_rounds_other_values_to_nearest_fp16() -> None:
     cols=st.integers(1, 12),
     seed=st.integers(0, 2**16),
 )
-def test_1bit_preserves_signs_and_scales_are_row_means(rows: int, cols: int, seed: int) -> None:
+def test_1bit_preserves_signs_and_scales_keep_the_projection(rows: int, cols: int, seed: int) -> None:
     t = _randn(rows, cols, seed=seed)
     out = decode(encode({"w": t}, "1bit"), {"w": (rows, cols)}, "1bit")["w"]
     # Sign: x >= 0 decodes non-negative, x < 0 negative (scales of random data are > 0).
@@ -70,8 +70,10 @@ def test_1bit_preserves_signs_and_scales_are_row_means(rows: int, cols: int, see
     assert torch.equal(out < 0, t < 0)
     # Rows run along the longer axis: one scale per index of the shorter one.
     dim = 1 if rows <= cols else 0
-    expected = t.abs().mean(dim=dim, keepdim=True).half().float().expand_as(t)
-    assert torch.equal(out.abs(), expected)
+    scale = (t * t).sum(dim=dim, keepdim=True) / t.abs().sum(dim=dim, keepdim=True)
+    assert torch.equal(out.abs(), scale.half().float().expand_as(t))
+    # The decoded row has the same projection onto the row as the row itself (up to fp16).
+    torch.testing.assert_close((out * t).sum(dim=dim), (t * t).sum(dim=dim), rtol=2e-3, atol=1e-6)
 
 
 def test_1bit_lora_b_gets_rank_scales_and_lora_a_too() -> None:
@@ -79,35 +81,37 @@ def test_1bit_lora_b_gets_rank_scales_and_lora_a_too() -> None:
     payload = encode({"B": b, "A": a}, "1bit")
     assert payload["B:scales"].shape == (4,)
     assert payload["A:scales"].shape == (4,)
-    np.testing.assert_array_equal(payload["B:scales"], b.abs().mean(dim=0).numpy().astype(np.float16))
-    np.testing.assert_array_equal(payload["A:scales"], a.abs().mean(dim=1).numpy().astype(np.float16))
+    b_scales = (b * b).sum(dim=0) / b.abs().sum(dim=0)
+    a_scales = (a * a).sum(dim=1) / a.abs().sum(dim=1)
+    np.testing.assert_array_equal(payload["B:scales"], b_scales.numpy().astype(np.float16))
+    np.testing.assert_array_equal(payload["A:scales"], a_scales.numpy().astype(np.float16))
 
 
 def test_1bit_hand_computed_wide_tensor() -> None:
-    # Rows along axis 1 (length 3): mean|x| = (0.5+1.5+1)/3 = 1 and (2+0+4)/3 = 2.
-    t = torch.tensor([[0.5, -1.5, 1.0], [-2.0, 0.0, 4.0]])
+    # Rows along axis 1 (length 3): ||x||^2 / ||x||_1 = (1+1+4)/4 = 1.5 and (4+4+16)/8 = 3.
+    t = torch.tensor([[1.0, -1.0, 2.0], [-2.0, 2.0, 4.0]])
     payload = encode({"w": t}, "1bit")
-    np.testing.assert_array_equal(payload["w:scales"], np.array([1.0, 2.0], dtype=np.float16))
+    np.testing.assert_array_equal(payload["w:scales"], np.array([1.5, 3.0], dtype=np.float16))
     # Signs (x >= 0) row by row: 1 0 1 | 0 1 1 | pad 0 0  ->  0b10101100.
     np.testing.assert_array_equal(payload["w:bits"], np.array([0b10101100], dtype=np.uint8))
     out = decode(payload, {"w": (2, 3)}, "1bit")["w"]
-    assert out.tolist() == [[1.0, -1.0, 1.0], [-2.0, 2.0, 2.0]]
+    assert out.tolist() == [[1.5, -1.5, 1.5], [-3.0, 3.0, 3.0]]
 
 
 def test_1bit_hand_computed_lora_b_shape() -> None:
-    # B (out=4, r=2): one scale per column: (1+1+2+0)/4 = 1 and (3+1+1+3)/4 = 2.
+    # B (out=4, r=2): one scale per column: (1+1+4+0)/4 = 1.5 and (9+1+1+9)/8 = 2.5.
     t = torch.tensor([[1.0, -3.0], [-1.0, 1.0], [2.0, -1.0], [0.0, 3.0]])
     payload = encode({"B": t}, "1bit")
-    np.testing.assert_array_equal(payload["B:scales"], np.array([1.0, 2.0], dtype=np.float16))
+    np.testing.assert_array_equal(payload["B:scales"], np.array([1.5, 2.5], dtype=np.float16))
     # Column 0 signs 1 0 1 1, column 1 signs 0 1 0 1 -> 0b10110101.
     np.testing.assert_array_equal(payload["B:bits"], np.array([0b10110101], dtype=np.uint8))
     out = decode(payload, {"B": (4, 2)}, "1bit")["B"]
-    assert out.tolist() == [[1.0, -2.0], [-1.0, 2.0], [1.0, -2.0], [1.0, 2.0]]
+    assert out.tolist() == [[1.5, -2.5], [-1.5, 2.5], [1.5, -2.5], [1.5, 2.5]]
 
 
 def test_docstring_example() -> None:
     p = encode({"w": torch.tensor([[0.5, -1.5]])}, "1bit")
-    assert decode(p, {"w": (1, 2)}, "1bit")["w"].tolist() == [[1.0, -1.0]]
+    assert decode(p, {"w": (1, 2)}, "1bit")["w"].tolist() == [[1.25, -1.25]]
 
 
 def test_encode_rejects_non_finite_and_unknown_codec() -> None:
