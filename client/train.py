@@ -23,7 +23,7 @@ from edgetune.models import load_base
 
 from .data import collate
 
-__all__ = ["StepStats", "device_model", "evaluate", "train_local"]
+__all__ = ["StepStats", "autocast", "device_model", "evaluate", "summed_loss", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,13 @@ def device_model(base: str, lora: LoraConfig) -> tuple[PeftModel, PreTrainedToke
     return attach_lora(model, lora), tokenizer
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager[None]:
+def autocast(precision: str) -> contextlib.AbstractContextManager[None]:
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _summed_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def summed_loss(model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label tokens, and their count.
 
     The LM head runs only on positions that have a label: with a 49k vocabulary it is a
@@ -77,8 +77,8 @@ def train_local(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cf
     model.train()
     total_loss, total_tokens, seen, start = 0.0, 0, 0, time.perf_counter()
     for _, batch in zip(range(cfg.local_steps), batches, strict=False):
-        with _autocast(cfg.precision):
-            loss_sum, n = _summed_loss(model, batch)
+        with autocast(cfg.precision):
+            loss_sum, n = summed_loss(model, batch)
         (loss_sum / max(n, 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -98,8 +98,8 @@ def evaluate(
     total_loss, total_tokens, seen, start = 0.0, 0, 0, time.perf_counter()
     for i in range(0, len(items), batch_size):
         batch = collate(items[i : i + batch_size], pad_id)
-        with _autocast(precision):
-            loss_sum, n = _summed_loss(model, batch)
+        with autocast(precision):
+            loss_sum, n = summed_loss(model, batch)
         total_loss += float(loss_sum)
         total_tokens += n
         seen += int(batch["attention_mask"].sum())

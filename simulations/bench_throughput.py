@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from client.data import iterate_batches
 from client.examples import tokenized_device
-from client.train import _autocast, _summed_loss, device_model
+from client.train import autocast, device_model, summed_loss
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
 
 
@@ -45,8 +45,8 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> float:
 def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str) -> int:
     """FLOPs of one training step (forward + backward) as the matmuls report them."""
     counter = FlopCounterMode(display=False)
-    with counter, _autocast(precision):
-        loss, n = _summed_loss(model, batch)
+    with counter, autocast(precision):
+        loss, n = summed_loss(model, batch)
         (loss / max(n, 1)).backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
@@ -58,8 +58,8 @@ def timed_steps(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
     opt = torch.optim.AdamW(params, lr=lr)
     start = time.perf_counter()
     for batch in batches:
-        with _autocast(precision):
-            loss, n = _summed_loss(model, batch)
+        with autocast(precision):
+            loss, n = summed_loss(model, batch)
         (loss / max(n, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
