@@ -46,3 +46,21 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / wire.CONFIG_FILE).write_text(json.dumps({}))
     assert main(["simulate", "--run-dir", str(tmp_path)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_simulate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["simulate", "--base", "tiny", "--rounds", "2", "--devices", "2", "--steps", "1", "--batch-size", "2"]
+    argv += ["--set", "data.max-length=128", "--set", "lora.rank=2", "--run-dir", str(run)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "eval loss" in out and "fp32 up" in out  # the summary table
+    for name in ("loss.png", "bytes.png", "metrics.jsonl", "config.json", "adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    # Resuming a finished run with more rounds continues from its last checkpoint.
+    assert main(["simulate", "--resume", str(run), "--rounds", "3"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
