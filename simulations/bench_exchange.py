@@ -17,7 +17,6 @@ to ``--out``/result.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -31,6 +30,9 @@ MODES = {
     "1bit": {"federation.codec": "1bit"},
     "both-AB": {"federation.codec": "fp32", "lora.train-a": True},
 }
+
+
+_PER_RUN = {"run-dir", *(key for overrides in MODES.values() for key in overrides)}
 
 
 def _run(base: RunConfig, name: str, overrides: dict[str, object], out: Path) -> dict[str, object]:
@@ -75,7 +77,7 @@ def main() -> None:
     loss32, loss1 = fp32["eval_loss"][-1], onebit["eval_loss"][-1]
     result = {
         "benchmark": "exchange",
-        "config": {k: v for k, v in to_flat(dataclasses.replace(base)).items() if k != "run-dir"},
+        "config": {k: v for k, v in to_flat(base).items() if k not in _PER_RUN},
         "fp32_final_eval_loss": loss32,
         "1bit_final_eval_loss": loss1,
         "round0_eval_loss": fp32["eval_loss"][0],
