@@ -1,7 +1,7 @@
 """Record keys, message types and file names: the names both sides must agree on.
 
 A downlink (server -> device) message carries:
-    ``config``  ConfigRecord: round, codec, training settings, the data recipe
+    ``config``  ConfigRecord: round, target version, the run config (JSON), device root
     ``update.<version>`` ArrayRecords: encoded global updates the device applies in order
     ``full``    ArrayRecord (optional): the whole global adapter in fp16, replacing its copy
 An uplink (device -> server) reply carries:
@@ -42,7 +42,6 @@ VALUES = "values"
 
 # Node config keys a SuperNode can set (simulation fills partition-id itself).
 PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
 STORAGE_DIR = "storage-dir"
 DATA_PATH = "data-path"
 DEVICE_ID = "device-id"
@@ -56,11 +55,9 @@ UPDATES_DIR = "updates"
 DEVICES_DIR = "devices"
 ADAPTER_DIR = "adapter"
 STATUS_FILE = "status.json"
-SUMMARY_FILE = "summary.json"
 
 # Device storage layout.
 HELD_ADAPTER_FILE = "global_adapter.safetensors"
 RESIDUAL_FILE = "residual.safetensors"
-DEVICE_STATE_FILE = "state.json"
 
 __all__ = [k for k in dir() if k.isupper()]
