@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from adapters.codec import Payload, apply_update, compress, encode, full_codec, payload_bytes
+from adapters.codec import Payload, apply_update, compress, encode, expected_payload_bytes, full_codec, payload_bytes
 from adapters.delta import add, subtract, weighted_mean
 from adapters.lora import exchanged_names, init_adapter
 from edgetune.config import RunConfig
@@ -73,11 +73,9 @@ class DeltaFedAvg:
         held = self.state.held.get(device, 0) if device is not None else 0
         chain = {f"{UPDATE_PREFIX}{v}": self.state.updates[v] for v in range(held + 1, self.state.version + 1)}
         chain_bytes = sum(payload_bytes(p) for p in chain.values())
-        if chain_bytes == 0:
-            return chain, 0
-        full = encode(self.sent_part(), full_codec(self.codec))
-        if payload_bytes(full) < chain_bytes:
-            return {FULL: full}, payload_bytes(full)
+        full_bytes = expected_payload_bytes(self.sent_shapes, full_codec(self.codec))
+        if full_bytes < chain_bytes:
+            return {FULL: encode(self.sent_part(), full_codec(self.codec))}, full_bytes
         return chain, chain_bytes
 
     def record_device(self, node_id: int, device_id: str, version: int) -> None:

@@ -228,3 +228,18 @@ def test_server_error_feedback_identity(tiny_shapes) -> None:
         for k in tiny_shapes
         if ".lora_A." in k
     )
+
+
+@pytest.mark.parametrize(
+    ("codec", "rounds", "expect_full"),
+    [("fp16", 1, False), ("fp16", 2, True), ("1bit", 3, False), ("1bit", 40, True)],
+)
+def test_downlink_is_the_smaller_of_chain_and_full(codec: str, rounds: int, expect_full: bool, tiny_shapes) -> None:
+    # fp16: one update is as big as the full fp16 adapter, two are bigger. 1-bit: an update
+    # costs about 1/16 of the full fp16 adapter (tiny rows are short, so scales weigh more).
+    fed, _ = _run_server(tiny_shapes, _cfg(codec), rounds)
+    records, nbytes = fed.downlink(node_id=7)  # a node the server has not identified
+    assert (FULL in records) is expect_full
+    assert nbytes == sum(int(sum(a.nbytes for a in p.values())) for p in records.values())
+    fed.record_device(7, "dev", fed.state.version)
+    assert fed.downlink(node_id=7) == ({}, 0)  # an up-to-date device gets nothing
