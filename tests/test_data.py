@@ -67,9 +67,7 @@ def build_tokenizer(chat_template: str = SMOLLM2_TEMPLATE) -> PreTrainedTokenize
         show_progress=False,
     )
     backend.train_from_iterator(CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>")
     tokenizer.chat_template = chat_template
     return tokenizer
 
@@ -139,9 +137,7 @@ def test_truncation_keeps_a_prefix(tokenizer: PreTrainedTokenizerFast):
 def test_fallback_when_tokens_merge_across_the_turn_boundary():
     tokenizer = build_tokenizer(SPACE_PROMPT_TEMPLATE)
     messages = chat("hi", "hello")
-    prompt = tokenizer.apply_chat_template(
-        messages[:1], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
     assert full[: len(prompt)] != prompt  # the token-prefix path cannot be used here
 

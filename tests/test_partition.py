@@ -147,9 +147,7 @@ sizes_strategy = st.dictionaries(
     seed=st.integers(0, 2**32 - 1),
     alpha=st.floats(0.01, 100.0),
 )
-def test_partitions_are_disjoint_cover_and_deterministic(
-    sizes, scheme, num_devices, fraction, seed, alpha
-):
+def test_partitions_are_disjoint_cover_and_deterministic(sizes, scheme, num_devices, fraction, seed, alpha):
     slices = make_slices(sizes)
     if scheme == "lang-topic":
         assume(len(slices) >= num_devices)

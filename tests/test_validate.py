@@ -466,10 +466,6 @@ class ScriptedGrid:
         return [self._answer(m) for m in messages]
 
 
-
-
-
-
 @pytest.mark.parametrize(
     "kind,bad",
     [
