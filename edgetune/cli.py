@@ -95,7 +95,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 2
     f = cfg.federation
     print(
-        f"edgetune simulate: {f.num_devices} devices ({f.sampled}/round), {f.rounds} rounds, "
+        f"edgetune simulate: {f.num_devices} devices ({f.sampled}/round), {f.rounds} round{'s' * (f.rounds != 1)}, "
         f"base={cfg.model.base}, codec={f.codec}, run folder {run_dir}",
         flush=True,
     )

@@ -11,10 +11,12 @@ twenty.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -211,8 +214,21 @@ def load_base(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         tokenizer.chat_template = CHATML_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with _quiet_progress():  # a cached safetensors load takes a second; its bar is noise
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Turn transformers' progress bars off for the block, then restore the setting."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def model_skeleton(spec: str) -> PreTrainedModel:
