@@ -29,6 +29,7 @@ __all__ = [
     "attach_lora",
     "exchanged_names",
     "get_adapter",
+    "model_adapter_shapes",
     "init_adapter",
     "peft_config",
     "set_adapter",
@@ -71,6 +72,11 @@ def adapter_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, .
     """Names and shapes of every adapter tensor, from a model built on the meta device."""
     peft_model = attach_lora(model, lora)
     return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def model_adapter_shapes(model: PeftModel) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the adapter tensors already attached to ``model`` (no copies)."""
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> StateDict:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from adapters.codec import Payload, apply_update, compress, decode, full_codec
 from adapters.delta import subtract
-from adapters.lora import exchanged_names, get_adapter, init_adapter, set_adapter
+from adapters.lora import exchanged_names, get_adapter, init_adapter, model_adapter_shapes, set_adapter
 from edgetune.config import RunConfig
 
 from .data import iterate_batches
@@ -50,7 +50,7 @@ def sync_global(storage: DeviceStorage, model: PeftModel, cfg: RunConfig, down: 
     a chain from any older version is valid for every device.
     """
     held = storage.load_global()
-    shapes = {k: tuple(v.shape) for k, v in get_adapter(model).items()}
+    shapes = model_adapter_shapes(model)
     sent = {k: shapes[k] for k in exchanged_names(shapes, cfg.lora)}
     codec = cfg.federation.codec
     state, version = held if held is not None else (init_adapter(shapes, cfg.seed), 0)

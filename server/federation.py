@@ -69,7 +69,10 @@ class Federation:
         self.fp32_bytes = raw_bytes(self.fed.sent_shapes)
         self.config_json = json.dumps(to_flat(cfg))
         self.valid_replies = 0
-        self.base_name = _base_name(cfg)
+        # What the PEFT folder names as its base: the local model folder (None for tiny).
+        folder = resolve_base(cfg.model.base)
+        self.base_name = str(folder.resolve()) if folder is not None else None
+        self.device_root = str((run_dir / wire.DEVICES_DIR).resolve())
 
     def _message(self, node: int, kind: str, round_: int) -> tuple[Message, int]:
         records, nbytes = self.fed.downlink(node)
@@ -80,7 +83,7 @@ class Federation:
                         wire.ROUND: round_,
                         wire.VERSION: self.fed.state.version,
                         wire.RUN_CONFIG_JSON: self.config_json,
-                        wire.DEVICE_ROOT: str((self.run_dir / wire.DEVICES_DIR).resolve()),
+                        wire.DEVICE_ROOT: self.device_root,
                     }
                 )
             }
@@ -196,12 +199,6 @@ class Federation:
             m.seconds = time.perf_counter() - start
             append_metrics(run_dir, m)
             bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-", replies=m.replies)
-
-
-def _base_name(cfg: RunConfig) -> str | None:
-    """What the PEFT folder names as its base: the local model folder (None for tiny)."""
-    folder = resolve_base(cfg.model.base)
-    return str(folder.resolve()) if folder is not None else None
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> None:

@@ -78,7 +78,7 @@ def read_pending(run_dir: Path, round_: int) -> RoundMetrics | None:
 def truncate_metrics(run_dir: Path, last_round: int) -> None:
     """Keep only rounds <= ``last_round`` (what a resumed run will not redo)."""
     kept = [m for m in read_metrics(run_dir) if m["round"] <= last_round]
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in kept), encoding="utf-8")
+    atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
 
 
 def _fmt_bytes(n: float) -> str:
