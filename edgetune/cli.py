@@ -1,129 +1,41 @@
-"""The ``edgetune`` command line.
+"""The ``edgetune`` command line: one sub-command per module in :mod:`edgetune.commands`.
 
-edgetune simulate                       federated simulation on the defaults
-edgetune simulate --rounds 5 --devices 12 --codec fp32 --run-dir runs/fp32
-edgetune simulate --resume runs/default  continue a killed run from its last round
-edgetune simulate --set train.learning-rate=1e-3 --set lora.rank=4
+edgetune simulate        federated simulation on this machine
+edgetune <command> --help
+
+Exit codes: 0 success, 1 the job failed, 2 bad input (config, path, flag).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
+import pkgutil
 import sys
-from pathlib import Path
 
-from edgetune import wire
-from edgetune.config import CODECS, ConfigError, RunConfig, from_flat, to_flat
+from edgetune import commands
+from edgetune.config import ConfigError
 
 __all__ = ["main"]
-
-# flag -> flat config key
-_SIMULATE_FLAGS = {
-    "base": ("model.base", "base model: smollm2 (embedded), tiny, or a local HF folder / .gguf file"),
-    "rounds": ("federation.rounds", "training rounds"),
-    "devices": ("federation.num-devices", "virtual devices in the federation"),
-    "per_round": ("federation.devices-per-round", "devices sampled for training per round (0: all)"),
-    "codec": ("federation.codec", f"exchange codec, both directions: {', '.join(CODECS)}"),
-    "steps": ("train.local-steps", "local optimizer steps per device per round"),
-    "batch_size": ("train.batch-size", "conversations per local step"),
-    "lr": ("train.learning-rate", "local AdamW learning rate"),
-    "data": ("data.source", "chatterbot (embedded corpus) or a JSONL file / folder of JSONL files"),
-    "partition": ("data.partition", "lang-topic (natural non-IID), iid or dirichlet"),
-    "seed": ("seed", "run seed (LoRA A init, sampling, splits, shuffles)"),
-    "run_dir": ("run-dir", "run folder for config, checkpoints, metrics, adapter and plots"),
-}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgetune", description="Federated on-device fine-tuning of small Llama models."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sim = sub.add_parser(
-        "simulate",
-        help="run a federated simulation on this machine",
-        description="Federated LoRA fine-tuning with N virtual devices on this machine (Flower simulation). "
-        "Defaults: embedded SmolLM2-135M-Instruct, 8 chatterbot-corpus (language, topic) devices, "
-        "1-bit deltas both ways. Writes metrics.jsonl, a PEFT adapter, loss.png and bytes.png to the run folder.",
-    )
-    defaults = to_flat(RunConfig())
-    for flag, (key, text) in _SIMULATE_FLAGS.items():
-        sim.add_argument(
-            f"--{flag.replace('_', '-')}", dest=flag, metavar="X", help=f"{text} (default: {defaults[key]})"
-        )
-    sim.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last completed round")
-    sim.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config key, e.g. lora.rank=4 (repeatable; keys: " + ", ".join(sorted(defaults)) + ")",
-    )
-    sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
     return parser
-
-
-def _simulate_config(args: argparse.Namespace) -> RunConfig:
-    flat: dict[str, object] = {}
-    if args.resume:
-        saved = Path(args.resume) / wire.CONFIG_FILE
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no {wire.CONFIG_FILE} there, so it is not a run folder")
-        flat.update(json.loads(saved.read_text()))
-        flat["run-dir"] = args.resume
-    for flag, (key, _) in _SIMULATE_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            flat[key] = value
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        flat[key.strip()] = value.strip()
-    return from_flat(flat)
-
-
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from server.metrics import plot_run, read_metrics, summary_table
-    from simulations.simulate import SimulationError, simulate
-
-    cfg = _simulate_config(args)
-    run_dir = Path(cfg.run_dir)
-    if not args.resume and (run_dir / wire.CHECKPOINT_DIR).is_dir():
-        print(f"edgetune: {run_dir} already holds a run; use --resume {run_dir} or another --run-dir", file=sys.stderr)
-        return 2
-    f = cfg.federation
-    print(
-        f"edgetune simulate: {f.num_devices} devices ({f.sampled}/round), {f.rounds} round{'s' * (f.rounds != 1)}, "
-        f"base={cfg.model.base}, codec={f.codec}, run folder {run_dir}",
-        flush=True,
-    )
-    try:
-        simulate(cfg, verbose=args.verbose)
-    except SimulationError as err:
-        print(f"edgetune: {err}", file=sys.stderr)
-        return 1
-    rows = read_metrics(run_dir)
-    print(summary_table(rows))
-    plots = plot_run(run_dir)
-    first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
-    print(
-        f"held-out loss {first:.4f} -> {last:.4f}; adapter: {run_dir / wire.ADAPTER_DIR}; plots: "
-        + ", ".join(str(p) for p in plots)
-    )
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "simulate":
-            return _cmd_simulate(args)
+        return args.handler(args)
     except ConfigError as err:
         print(f"edgetune: {err}", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":
