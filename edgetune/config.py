@@ -25,6 +25,7 @@ __all__ = [
     "CODECS",
     "ConfigError",
     "DataConfig",
+    "DpConfig",
     "FederationConfig",
     "LoraConfig",
     "ModelConfig",
@@ -37,6 +38,9 @@ __all__ = [
 CODECS = ("1bit", "fp16", "fp32")
 PARTITIONS = ("lang-topic", "iid", "dirichlet")
 PRECISIONS = ("bf16", "fp32")
+DP_CLIP_SITES = ("server", "device")
+DP_ACCOUNTANTS = ("rdp", "pld")
+DP_SAMPLINGS = ("poisson", "fixed")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -168,6 +172,53 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class DpConfig:
+    """User-level differential privacy: clip each device's delta, noise the sum, account.
+
+    Under DP the server computes ``(sum_i clip(d_i, C) + N(0, (z C)^2 I)) / m`` with uniform
+    weights, skips rounds below ``min_replies``, and reports epsilon at ``delta`` after each
+    round (see ``server/dp.py``, ``server/accounting.py`` and ``docs/privacy-dp.md``).
+    """
+
+    enabled: bool = False
+    """Turn DP on (off: plain FedAvg weighted by example counts)."""
+    clip_norm: float = 0.1
+    """C: L2 bound on each device's whole delta (all exchanged tensors together)."""
+    noise_multiplier: float = 1.0
+    """z: the noise on the sum has standard deviation z * C per coordinate."""
+    clip_on: str = "server"
+    """``server`` (clip the decoded delta) or ``device`` (the device also clips before
+    encoding, so less error feedback is wasted; the server still clips what it decodes)."""
+    min_replies: int = 2
+    """Quorum: a round with fewer valid replies is skipped (no update), never under-noised."""
+    delta: float = 1e-5
+    """Target delta of the (epsilon, delta) guarantee; keep it well below 1 / num-devices."""
+    max_epsilon: float = 0.0
+    """Stop the run before a round would push epsilon above this; 0 means no limit."""
+    accountant: str = "rdp"
+    """``rdp`` (Renyi DP, both samplings) or ``pld`` (privacy-loss distributions, Poisson only)."""
+    sampling: str = "poisson"
+    """``poisson`` (each device joins a round independently with probability
+    devices-per-round / num-devices) or ``fixed`` (exactly devices-per-round, without replacement)."""
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm > 0, "dp.clip-norm", self.clip_norm, "must be > 0")
+        _check(self.noise_multiplier > 0, "dp.noise-multiplier", self.noise_multiplier, "must be > 0")
+        _check(self.clip_on in DP_CLIP_SITES, "dp.clip-on", self.clip_on, f"one of {DP_CLIP_SITES}")
+        _check(self.min_replies >= 1, "dp.min-replies", self.min_replies, "must be >= 1")
+        _check(0 < self.delta < 1, "dp.delta", self.delta, "in (0, 1)")
+        _check(self.max_epsilon >= 0, "dp.max-epsilon", self.max_epsilon, "must be >= 0 (0: no limit)")
+        _check(self.accountant in DP_ACCOUNTANTS, "dp.accountant", self.accountant, f"one of {DP_ACCOUNTANTS}")
+        _check(self.sampling in DP_SAMPLINGS, "dp.sampling", self.sampling, f"one of {DP_SAMPLINGS}")
+        _check(
+            not (self.accountant == "pld" and self.sampling == "fixed"),
+            "dp.accountant",
+            self.accountant,
+            "pld supports dp.sampling=poisson only; use dp.accountant=rdp for fixed-size sampling",
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs."""
 
@@ -180,6 +231,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    dp: DpConfig = field(default_factory=DpConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

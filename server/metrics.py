@@ -40,6 +40,16 @@ class RoundMetrics:
     train_seconds: float = 0.0
     seconds: float = 0.0
     per_device: dict[str, dict[str, float]] = field(default_factory=dict)
+    dp_epsilon: float | None = None
+    """Cumulative epsilon at dp.delta after this round (None: DP off)."""
+    dp_clipped_fraction: float | None = None
+    """Share of this round's valid replies whose decoded delta was longer than dp.clip-norm."""
+    dp_noise_std: float | None = None
+    """Noise standard deviation per coordinate on the aggregated mean: z * C / m."""
+    dp_skipped: str | None = None
+    """Why a DP round released nothing (under quorum, nobody sampled), else None."""
+    dp_sampled: int = 0
+    """Devices sampled for training this round."""
 
 
 def append_metrics(run_dir: Path, m: RoundMetrics) -> None:
