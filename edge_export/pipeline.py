@@ -1,0 +1,275 @@
+"""The export pipeline: one linear path from a base model (plus a federated adapter) to an
+on-device artefact with a parity report beside it.
+
+Stages, in order (each printed with its wall time)::
+
+    [1/6] load       base model (fp32, eval) and tokenizer, offline (edgetune.models.load_base)
+    [2/6] merge      PEFT adapter folded into the weights (merge_and_unload), eager attention
+    [3/6] export     format-specific graph capture or tensor conversion
+    [4/6] lower      format-specific lowering (delegation, quantisation, Q/K permutation ...)
+    [5/6] serialise  artefact written under ``ExportOptions.out``
+    [6/6] parity     the artefact reloaded and compared with eager PyTorch (edge_export.parity)
+
+Stages 3-5 belong to the format: :class:`ExportFormat.export` receives ``stage`` and opens
+them itself. Formats are looked up by name in :data:`FORMATS`; each format module defines a
+module-level ``FORMAT`` object and imports its heavy toolchain (executorch, onnx, ...) inside
+its functions, so that importing this registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from edge_export.errors import ExportError, RunnerUnavailable
+
+__all__ = [
+    "FORMATS",
+    "QUANTIZE",
+    "STAGES",
+    "ExportFormat",
+    "ExportOptions",
+    "ExportResult",
+    "Runner",
+    "Stage",
+    "load_merged",
+    "run_export",
+    "stage_printer",
+]
+
+STAGES = ("load", "merge", "export", "lower", "serialise", "parity")
+QUANTIZE = ("none", "8bit", "4bit")
+
+Stage = Callable[[str], AbstractContextManager[None]]
+"""``stage("lower")`` opens a named pipeline stage; it prints its start and its wall time."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the user chose for one export (format-independent)."""
+
+    out: Path
+    """Output folder; created if missing. The artefact and ``parity.json`` go here."""
+    quantize: str = "none"
+    """Weight quantisation: ``none``, ``8bit`` or ``4bit`` (pte only; other formats reject
+    anything but ``none`` with an :class:`ExportError`)."""
+    backend: str = "xnnpack"
+    """Lowering backend of the pte format: ``xnnpack``, ``coreml``, ``qnn``, ``portable``...
+    Other formats ignore it."""
+    max_seq_len: int = 256
+    """KV-cache length / static sequence length of the exported model (prompt + new tokens)."""
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE:
+            raise ExportError(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+        if self.max_seq_len < 8:
+            raise ExportError(f"--max-seq-len {self.max_seq_len}: must be at least 8")
+
+
+class Runner(Protocol):
+    """A loaded artefact, as the parity check drives it (batch 1, greedy)."""
+
+    def next_token_logits(self, ids: list[int]) -> np.ndarray:
+        """Logits (vocab,) fp32 for the token after ``ids`` (a fresh sequence, no state kept)."""
+        ...
+
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Exactly ``max_new_tokens`` greedy new ids after ``ids`` (no stop at EOS)."""
+        ...
+
+
+class ExportFormat(Protocol):
+    """One artefact format: how to write it and how to run it back."""
+
+    name: str
+
+    def export(
+        self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, opts: ExportOptions, stage: Stage
+    ) -> Path:
+        """Write the artefact for the merged ``model`` under ``opts.out`` and return its path.
+
+        Raises:
+            ExportError: an unsupported choice (backend, quantisation, architecture).
+        """
+        ...
+
+    def load(self, artefact: Path) -> Runner:
+        """Load an artefact this format wrote.
+
+        Raises:
+            RunnerUnavailable: the artefact cannot run on this machine (e.g. Core ML on Linux).
+        """
+        ...
+
+
+def _registry() -> dict[str, ExportFormat]:
+    from edge_export import executorch_export, gguf_export, onnx_export, ort_training
+
+    modules = (executorch_export, onnx_export, ort_training, gguf_export)
+    return {m.FORMAT.name: m.FORMAT for m in modules}
+
+
+FORMATS: dict[str, ExportFormat] = _registry()
+"""Format name (the ``--format`` choice) -> format object."""
+
+
+@dataclass
+class ExportResult:
+    """What one pipeline run produced."""
+
+    artefact: Path
+    """The written artefact (a file, or a folder for multi-file formats)."""
+    parity: dict[str, Any] | None
+    """The parity report (also written as ``parity.json``), ``None`` when the check was off."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per stage name."""
+
+
+def stage_printer(seconds: dict[str, float], print_fn: Callable[[str], None] = print) -> Stage:
+    """Make the ``stage`` context manager: numbered lines with wall times, recorded in ``seconds``.
+
+    Example:
+        >>> times = {}
+        >>> stage = stage_printer(times)
+        >>> with stage("lower"):  # prints "[4/6] lower ..." then "[4/6] lower done in 0.0 s"
+        ...     pass
+    """
+
+    @contextlib.contextmanager
+    def stage(name: str) -> Iterator[None]:
+        number = f"[{STAGES.index(name) + 1}/{len(STAGES)}]" if name in STAGES else "[-]"
+        print_fn(f"{number} {name} ...")
+        start = time.perf_counter()
+        yield
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        print_fn(f"{number} {name} done in {seconds[name]:.1f} s")
+
+    return stage
+
+
+def _flush_print(line: str) -> None:
+    print(line, flush=True)
+
+
+def load_merged(base: str, adapter: Path | None, stage: Stage) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """Stages 1-2: load the base model and fold the adapter into its weights.
+
+    Args:
+        base: a model spec for :func:`edgetune.models.load_base` (smollm2, tiny, folder, .gguf).
+        adapter: a PEFT adapter folder, or ``None`` to export the base model alone.
+        stage: the stage context manager from :func:`stage_printer`.
+
+    Returns:
+        The merged model (fp32, eval, eager attention, plain ``transformers`` modules) and its
+        tokenizer.
+
+    Raises:
+        ExportError: the base is not a Llama model, or the adapter folder does not fit it.
+    """
+    from edgetune.models import ModelError, load_base
+
+    with stage("load"):
+        try:
+            model, tokenizer = load_base(base)
+        except ModelError as err:
+            raise ExportError(str(err)) from err
+    if model.config.model_type != "llama":
+        raise ExportError(f"base {base!r} is a {model.config.model_type!r} model; the exporters handle llama only")
+    with stage("merge"):
+        model = _merge(model, adapter) if adapter is not None else model
+        model.set_attn_implementation("eager")
+    return model.float().eval(), tokenizer
+
+
+def _merge(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ExportError(f"--adapter {adapter}: no adapter_config.json there, so it is not a PEFT adapter folder")
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    except (ValueError, KeyError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"--adapter {adapter} does not fit this base model: {first}") from err
+    return peft_model.merge_and_unload()
+
+
+def run_export(
+    base: str,
+    adapter: Path | None,
+    format_name: str,
+    opts: ExportOptions,
+    *,
+    check_parity: bool = True,
+    new_tokens: int = 16,
+    print_fn: Callable[[str], None] = _flush_print,
+) -> ExportResult:
+    """Run the whole pipeline: load, merge, export, lower, serialise, check parity.
+
+    Args:
+        base: model spec (see :func:`load_merged`).
+        adapter: PEFT adapter folder or ``None``.
+        format_name: a key of :data:`FORMATS`.
+        opts: output folder, quantisation, backend, sequence length.
+        check_parity: run stage 6 (on by default; the benchmark drives parity itself).
+        new_tokens: greedy tokens per prompt in the parity check.
+        print_fn: where stage lines and the parity table go.
+
+    Returns:
+        The artefact path, the parity report and the per-stage wall times.
+
+    Raises:
+        ExportError: an unsupported choice, or an export that failed.
+    """
+    if format_name not in FORMATS:
+        raise ExportError(f"--format {format_name!r}: choose one of {', '.join(FORMATS)}")
+    fmt = FORMATS[format_name]
+    seconds: dict[str, float] = {}
+    stage = stage_printer(seconds, print_fn)
+    model, tokenizer = load_merged(base, adapter, stage)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        artefact = fmt.export(model, tokenizer, opts, stage)
+    print_fn(f"artefact: {artefact} ({_size_mib(artefact):.1f} MiB)")
+    report = _parity_stage(fmt, artefact, model, tokenizer, opts, new_tokens, stage, print_fn) if check_parity else None
+    return ExportResult(artefact=artefact, parity=report, seconds=seconds)
+
+
+def _parity_stage(
+    fmt: ExportFormat,
+    artefact: Path,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    opts: ExportOptions,
+    new_tokens: int,
+    stage: Stage,
+    print_fn: Callable[[str], None],
+) -> dict[str, Any]:
+    from edge_export import parity
+
+    out = artefact.parent / parity.PARITY_FILE
+    with stage("parity"):
+        try:
+            runner = fmt.load(artefact)
+        except RunnerUnavailable as err:
+            report = parity.skipped_report(fmt.name, opts, str(err))
+        else:
+            report = parity.check(runner, model, tokenizer, fmt.name, opts, new_tokens=new_tokens)
+        parity.write_report(report, out)
+    print_fn(parity.format_table(report))
+    print_fn(f"parity report: {out}")
+    return report
+
+
+def _size_mib(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
