@@ -2,6 +2,7 @@
 
     sync_global   bring the stored global adapter to the server's version (full or chain)
     train_round   K local steps, then delta = local - global + residual, encoded 1-bit
+                  (with ``dp.clip-on=device``: clipped so the decoded uplink has norm <= C)
     eval_round    held-out loss of the global adapter
 
 The Flower ClientApp (``client/app.py``) only unpacks messages and calls these.
@@ -16,7 +17,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from adapters.codec import Payload, apply_update, compress, decode, full_codec
-from adapters.delta import subtract
+from adapters.delta import add, clip, global_norm, scale, subtract
 from adapters.lora import exchanged_names, get_adapter, init_adapter, model_adapter_shapes, set_adapter
 from edgetune.config import RunConfig
 
@@ -25,7 +26,7 @@ from .examples import TokenizedDevice
 from .storage import DeviceStorage
 from .train import StepStats, evaluate, train_local
 
-__all__ = ["Downlink", "SyncError", "eval_round", "sync_global", "train_round"]
+__all__ = ["Downlink", "SyncError", "clip_for_uplink", "eval_round", "sync_global", "train_round"]
 
 StateDict = dict[str, Tensor]
 
@@ -70,6 +71,32 @@ def sync_global(storage: DeviceStorage, model: PeftModel, cfg: RunConfig, down: 
     return state
 
 
+# Re-encoding rounds each 1-bit scale to fp16 (relative error <= 2^-11): aim this far below C.
+_CLIP_MARGIN = 1 - 2**-9
+
+
+def clip_for_uplink(
+    delta: StateDict, residual: StateDict | None, clip_norm: float, codec: str
+) -> tuple[Payload, StateDict]:
+    """Encode ``clip(delta + residual, C)`` so that what the server decodes has norm <= C.
+
+    What lies beyond C is dropped, not carried in the residual (which would otherwise grow
+    without bound on a device whose updates are always long). 1-bit decoding can lengthen a
+    vector (``||s sign(x)|| >= ||x||``), so a decoded form longer than C is scaled down and
+    re-encoded: ``f s sign(x)`` encodes to the same bits with scales ``f s``. The server still
+    clips what it decodes; this only keeps it from having to.
+
+    Returns:
+        ``(payload, new residual)``; the residual holds only this round's compression error.
+    """
+    corrected = clip(delta if residual is None else add(delta, residual), clip_norm)
+    payload, decoded, _ = compress(corrected, None, codec)
+    norm = global_norm(decoded)
+    if norm > clip_norm:
+        payload, decoded, _ = compress(scale(decoded, clip_norm * _CLIP_MARGIN / norm), None, codec)
+    return payload, subtract(corrected, decoded)
+
+
 def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -96,7 +123,11 @@ def train_round(
     local = get_adapter(model)
     names = exchanged_names({k: tuple(v.shape) for k, v in local.items()}, cfg.lora)
     delta = subtract({k: local[k] for k in names}, {k: global_state[k] for k in names})
-    payload, _, residual = compress(delta, storage.residual_before(round_), cfg.federation.codec)
+    codec, before = cfg.federation.codec, storage.residual_before(round_)
+    if cfg.dp.enabled and cfg.dp.clip_on == "device":
+        payload, residual = clip_for_uplink(delta, before, cfg.dp.clip_norm, codec)
+    else:
+        payload, _, residual = compress(delta, before, codec)
     storage.save_residual(residual, round_)
     num_examples = min(len(data.train), cfg.train.local_steps * cfg.train.batch_size)
     return payload, stats, num_examples

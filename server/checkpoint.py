@@ -2,7 +2,8 @@
 
     checkpoints/round_0003.safetensors   global adapter ("adapter/<name>") and server
                                          residual ("residual/<name>"); metadata: round,
-                                         version, held versions per device (JSON)
+                                         version, held versions per device (JSON), the
+                                         DP accountant's ledger ("privacy", JSON)
     updates/v0003.safetensors            the encoded update that made version 3
 
 Updates are written before the checkpoint that refers to them, and each file atomically,
@@ -24,6 +25,7 @@ from adapters.codec import Payload
 from adapters.peft_io import atomic_save, load_tensors
 from edgetune.wire import CHECKPOINT_DIR, UPDATES_DIR
 
+from .accounting import events_from_json, events_to_json
 from .strategy import ServerState
 
 __all__ = ["latest_checkpoint", "save_checkpoint", "save_update"]
@@ -43,7 +45,12 @@ def _load_update(run_dir: Path, version: int) -> Payload:
 def save_checkpoint(run_dir: Path, round_: int, state: ServerState) -> Path:
     tensors = {f"adapter/{k}": v for k, v in state.adapter.items()}
     tensors.update({f"residual/{k}": v for k, v in state.residual.items()})
-    meta = {"round": str(round_), "version": str(state.version), "held": json.dumps(state.held, sort_keys=True)}
+    meta = {
+        "round": str(round_),
+        "version": str(state.version),
+        "held": json.dumps(state.held, sort_keys=True),
+        "privacy": events_to_json(state.privacy),
+    }
     path = run_dir / CHECKPOINT_DIR / f"round_{round_:04d}.safetensors"
     atomic_save(tensors, path, metadata=meta)
     return path
@@ -74,5 +81,6 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, ServerState] | None:
         version=version,
         held={k: int(v) for k, v in json.loads(meta["held"]).items()},
         updates={v: _load_update(run_dir, v) for v in range(1, version + 1)},
+        privacy=events_from_json(meta.get("privacy", "[]")),
     )
     return round_, state

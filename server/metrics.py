@@ -99,10 +99,23 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def _fmt_epsilon(m: dict) -> str:
+    eps = m.get("dp_epsilon")
+    if eps is None:
+        return "-"
+    return f"{eps:.3f}" + ("*" if m.get("dp_skipped") else "")
+
+
 def summary_table(rows: list[dict]) -> str:
-    """Held-out loss and bytes per round vs fp32, as a fixed-width text table."""
-    names = ("round", "eval loss", "train loss", "up", "down", "fp32 up", "fp32 down", "x fewer")
-    head = " ".join(f"{n:>{w}}" for n, w in zip(names, (5, 9, 10, 9, 9, 9, 9, 8), strict=True))
+    """Held-out loss and bytes per round vs fp32, as a fixed-width text table.
+
+    Under DP an ``epsilon`` column shows the cumulative epsilon after each round; a round
+    that released nothing (under quorum) is marked ``*`` and still counts.
+    """
+    dp = any(m.get("dp_epsilon") is not None for m in rows)
+    names = ("round", "eval loss", "train loss", "up", "down", "fp32 up", "fp32 down", "x fewer") + ("epsilon",) * dp
+    widths = (5, 9, 10, 9, 9, 9, 9, 8) + (8,) * dp
+    head = " ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
     out = [head, "-" * len(head)]
     for m in rows:
         ours = m["bytes_up"] + m["bytes_down"]
@@ -113,12 +126,14 @@ def summary_table(rows: list[dict]) -> str:
         out.append(
             f"{m['round']:>5} {ev:>9} {tr:>10} {_fmt_bytes(m['bytes_up']):>9} {_fmt_bytes(m['bytes_down']):>9} "
             f"{_fmt_bytes(m['fp32_bytes_up']):>9} {_fmt_bytes(m['fp32_bytes_down']):>9} {ratio:>8}"
+            + (f" {_fmt_epsilon(m):>8}" if dp else "")
         )
     return "\n".join(out)
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """Write ``loss.png`` (held-out and train loss per round) and ``bytes.png``."""
+    """Write ``loss.png`` (held-out and train loss per round), ``bytes.png`` and, for DP runs,
+    ``privacy.png`` (epsilon and clipped fraction per round)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,4 +178,30 @@ def plot_run(run_dir: Path) -> list[Path]:
     bytes_png = run_dir / "bytes.png"
     fig.savefig(bytes_png, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return [loss_png, bytes_png]
+    privacy_png = _plot_privacy(rows, run_dir / "privacy.png")
+    return [loss_png, bytes_png] + ([privacy_png] if privacy_png else [])
+
+
+def _plot_privacy(rows: list[dict], path: Path) -> Path | None:
+    """``privacy.png``: cumulative epsilon and the clipped fraction per round (DP runs only)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    eps = [(m["round"], m["dp_epsilon"]) for m in rows if m.get("dp_epsilon") is not None]
+    if not eps:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(*zip(*eps, strict=True), "o-", color="tab:red", label="epsilon (cumulative)")
+    ax.set(xlabel="round", ylabel="epsilon", title="Differential privacy per round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    clipped = [(m["round"], m["dp_clipped_fraction"]) for m in rows if m.get("dp_clipped_fraction") is not None]
+    if clipped:
+        frac = ax.twinx()
+        frac.bar(*zip(*clipped, strict=True), 0.4, alpha=0.3, color="tab:blue", label="replies clipped")
+        frac.set(ylabel="fraction of replies clipped", ylim=(0, 1.05))
+        frac.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

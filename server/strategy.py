@@ -30,6 +30,8 @@ from adapters.lora import exchanged_names, init_adapter
 from edgetune.config import RunConfig
 from edgetune.wire import FULL, UPDATE_PREFIX
 
+from .accounting import RoundEvent
+
 __all__ = ["DeltaFedAvg", "ServerState"]
 
 StateDict = dict[str, Tensor]
@@ -48,6 +50,8 @@ class ServerState:
     """device id -> version it is known to hold."""
     updates: dict[int, Payload] = field(default_factory=dict)
     """version -> the encoded update that produced it."""
+    privacy: list[RoundEvent] = field(default_factory=list)
+    """The DP ledger: one event per training round run under DP (``server/accounting.py``)."""
 
 
 class DeltaFedAvg:
@@ -85,7 +89,11 @@ class DeltaFedAvg:
 
     def aggregate(self, deltas: list[StateDict], weights: list[float]) -> Payload:
         """Apply the weighted mean of ``deltas``; returns the payload devices will apply."""
-        mean = weighted_mean(deltas, weights)
+        return self.apply_mean(weighted_mean(deltas, weights))
+
+    def apply_mean(self, mean: StateDict) -> Payload:
+        """Compress ``mean`` (already averaged, and clipped and noised under DP) with the
+        server's error feedback, apply it, and return the payload devices will apply."""
         payload, decoded, residual = compress(mean, self.state.residual, self.codec)
         adapter = apply_update(self.state.adapter, decoded, self.codec)
         applied = subtract({k: adapter[k] for k in self.names}, self.sent_part())
