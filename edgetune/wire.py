@@ -55,6 +55,10 @@ UPDATES_DIR = "updates"
 DEVICES_DIR = "devices"
 ADAPTER_DIR = "adapter"
 STATUS_FILE = "status.json"
+UPLINKS_FILE = "uplinks.jsonl"  # what left each device, one line per reply (server/uplinks.py)
+CANARIES_FILE = "canaries.json"  # an audit run's secrets, for the report only (server/audit)
+REPORT_HTML = "report.html"
+REPORT_JSON = "report.json"
 
 # Device storage layout.
 HELD_ADAPTER_FILE = "global_adapter.safetensors"

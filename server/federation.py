@@ -32,9 +32,11 @@ from edgetune import wire
 from edgetune.config import RunConfig, dumps, to_flat
 from edgetune.models import model_skeleton, resolve_base
 
+from .audit.canaries import ensure_canaries
 from .checkpoint import latest_checkpoint, save_checkpoint, save_update
 from .metrics import RoundMetrics, append_metrics, read_metrics, read_pending, truncate_metrics, write_pending
 from .strategy import DeltaFedAvg
+from .uplinks import record_uplink
 from .validate import Rejection, TrainReply, validate_eval, validate_train
 
 __all__ = ["FederationError", "run_federation"]
@@ -103,6 +105,7 @@ class Federation:
         m.fp32_bytes_down += self.fp32_bytes * len(nodes)
         losses, tokens = [], []
         for reply in replies:
+            record_uplink(self.run_dir, round_, "evaluate", reply)
             r = validate_eval(reply, round_, self.fed.state.version)
             if isinstance(r, Rejection):
                 log.warning("round %d: evaluate reply from node %d dropped: %s", round_, r.node_id, r.reason)
@@ -130,6 +133,7 @@ class Federation:
         fed, max_examples = self.fed, self.cfg.train.local_steps * self.cfg.train.batch_size
         valid: list[TrainReply] = []
         for reply in replies:
+            record_uplink(self.run_dir, round_, "train", reply)
             r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples, fed.state.version)
             if isinstance(r, Rejection):
                 log.warning("round %d: train reply from node %d dropped: %s", round_, r.node_id, r.reason)
@@ -214,6 +218,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
     try:
         _check_resumable(run_dir, cfg)
         atomic_write_text(run_dir / wire.CONFIG_FILE, dumps(cfg))
+        ensure_canaries(run_dir, cfg)  # audit runs only: secrets the devices plant, for the report
         Federation(grid, cfg, run_dir).run()
     except BaseException as err:
         atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
