@@ -1,10 +1,12 @@
 """The federated run, driven over a Flower Grid: rounds, checkpoints, evaluation, resume.
 
 Round ``t`` (1..R):
-    1. sample ``devices_per_round`` devices (seeded by run seed and t, over stable device ids)
+    1. sample ``devices_per_round`` devices (seeded by run seed and t, over stable device ids;
+       under DP: Poisson or fixed-size from OS entropy, after checking the epsilon budget)
     2. send each its smallest exact downlink and the run config; wait for replies
     3. validate every reply, drop bad ones with a logged reason
-    4. FedAvg over the valid deltas (if at least ``min_replies``), server error feedback
+    4. FedAvg over the valid deltas (if at least ``min_replies``), server error feedback;
+       under DP: clip, noise and uniform mean first (``server/dp.py``), ledger in the checkpoint
     5. write the update and the checkpoint atomically
     6. every device evaluates the new global adapter on its held-out split
 Round 0 evaluates the initial adapter. A resumed run first re-evaluates the checkpoint's
@@ -14,6 +16,7 @@ round's metrics line if the crash came before it), then goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,9 +35,12 @@ from edgetune import wire
 from edgetune.config import RunConfig, dumps, to_flat
 from edgetune.models import model_skeleton, resolve_base
 
+from .accounting import RoundEvent, epsilon, next_event
 from .audit.canaries import ensure_canaries
 from .checkpoint import latest_checkpoint, save_checkpoint, save_update
+from .dp import mean_denominator, noise_generator, private_mean
 from .metrics import RoundMetrics, append_metrics, read_metrics, read_pending, truncate_metrics, write_pending
+from .sampling import private_sample
 from .strategy import DeltaFedAvg
 from .uplinks import record_uplink
 from .validate import Rejection, TrainReply, validate_eval, validate_train
@@ -75,6 +81,8 @@ class Federation:
         folder = resolve_base(cfg.model.base)
         self.base_name = str(folder.resolve()) if folder is not None else None
         self.device_root = str((run_dir / wire.DEVICES_DIR).resolve())
+        # DP noise: OS entropy, never the run seed (which anyone with the config knows).
+        self.noise = noise_generator() if cfg.dp.enabled else None
 
     def _message(self, node: int, kind: str, round_: int) -> tuple[Message, int]:
         records, nbytes = self.fed.downlink(node)
@@ -150,27 +158,54 @@ class Federation:
         self.valid_replies += len(valid)
         return sorted(valid, key=lambda r: r.device_id)  # arrival order must not change the sums
 
-    def train(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
-        chosen = self._sample(round_, nodes)
-        replies, down = self._send(chosen, "train", round_)
+    def plan_privacy(self, round_: int, population: int) -> tuple[RoundEvent, float]:
+        """Round ``round_``'s DP event and the epsilon the run will have once it is composed."""
+        event = next_event(self.cfg.dp, round_, population, self.cfg.federation.sampled)
+        return event, epsilon([*self.fed.state.privacy, event], self.cfg.dp.accountant, self.cfg.dp.delta)
+
+    def _private_update(self, valid: list[TrainReply], m: RoundMetrics, event: RoundEvent) -> Payload | None:
+        """Clip, noise and average under DP (``server/dp.py``); None when the round is skipped."""
+        dp = self.cfg.dp
+        denominator = mean_denominator(dp.sampling, len(valid), event.sample_size)
+        assert self.noise is not None  # set whenever DP is on
+        result = private_mean([r.delta for r in valid], dp, denominator, self.noise)
+        m.dp_clipped_fraction, m.dp_noise_std, m.dp_skipped = result.clipped_fraction, result.noise_std, result.skipped
+        if result.mean is None:
+            log.warning("round %d: DP round skipped (%s); global adapter unchanged", m.round, result.skipped)
+            return None
+        return self.fed.apply_mean(result.mean)
+
+    def train(self, round_: int, m: RoundMetrics, nodes: list[int], planned: tuple[RoundEvent, float] | None) -> None:
+        """One training round; ``planned`` is this round's DP event and epsilon (None: DP off)."""
+        if planned is None:
+            chosen = self._sample(round_, nodes)
+        else:
+            chosen = private_sample(nodes, self.cfg.dp.sampling, planned[0].sample_size)
+            # Composed whatever the round releases: a skipped round counts too (conservative).
+            self.fed.state.privacy.append(dataclasses.replace(planned[0], sampled=len(chosen)))
+            m.dp_epsilon = planned[1]
+        m.dp_sampled = len(chosen)
+        replies, down = self._send(chosen, "train", round_) if chosen else ([], 0)
         m.bytes_down += down
         m.fp32_bytes_down += self.fp32_bytes * len(chosen)
         valid = self._valid_train_replies(replies, round_, m)
         if len(valid) < self.cfg.federation.min_replies:
-            log.warning(
-                "round %d: %d valid replies < min-replies %d; global adapter unchanged",
-                round_,
-                len(valid),
-                self.cfg.federation.min_replies,
-            )
+            reason = f"{len(valid)} valid replies < federation.min-replies {self.cfg.federation.min_replies}"
+            log.warning("round %d: %s; global adapter unchanged", round_, reason)
+            m.dp_skipped = reason if planned is not None else None
             return
         weights = [float(r.num_examples) for r in valid]
         m.train_loss = float(np.average([r.metrics[wire.TRAIN_LOSS] for r in valid], weights=weights))
         m.aggregation_error = lora_product_error(self.fed.state.adapter, [r.delta for r in valid], weights)
-        payload: Payload = self.fed.aggregate([r.delta for r in valid], weights)
-        save_update(self.run_dir, self.fed.state.version, payload)
+        if planned is None:
+            payload: Payload | None = self.fed.aggregate([r.delta for r in valid], weights)
+        else:
+            payload = self._private_update(valid, m, planned[0])
+        if payload is not None:
+            save_update(self.run_dir, self.fed.state.version, payload)
 
-    def run(self) -> None:
+    def run(self) -> str | None:
+        """Run the remaining rounds; returns why the run stopped early (DP budget), else None."""
         cfg, run_dir = self.cfg, self.run_dir
         nodes = _wait_for_nodes(self.grid, cfg.federation.num_devices, cfg.federation.reply_timeout)
         done = self.start_round - 1
@@ -180,6 +215,8 @@ class Federation:
         # training half saved before the checkpoint, with the re-evaluation below.
         pending = read_pending(run_dir, done) if not logged else None
         first = pending or RoundMetrics(round=done, version=self.fed.state.version)
+        if cfg.dp.enabled and first.dp_epsilon is None:
+            first.dp_epsilon = epsilon(self.fed.state.privacy, cfg.dp.accountant, cfg.dp.delta)
         self.evaluate(done, first, nodes)
         if not logged:
             append_metrics(run_dir, first)
@@ -193,8 +230,17 @@ class Federation:
         bar.set_postfix(eval_loss=f"{first.eval_loss:.4f}" if first.eval_loss is not None else "-")
         for round_ in bar:
             start = time.perf_counter()
+            planned = self.plan_privacy(round_, len(nodes)) if cfg.dp.enabled else None
+            if planned is not None and 0 < cfg.dp.max_epsilon < planned[1]:
+                reason = (
+                    f"privacy budget: round {round_} would raise epsilon to {planned[1]:.3f} > "
+                    f"dp.max-epsilon={cfg.dp.max_epsilon:g} (delta={cfg.dp.delta:g}); stopped after round {round_ - 1}"
+                )
+                log.warning(reason)
+                bar.close()
+                return reason
             m = RoundMetrics(round=round_, version=self.fed.state.version)
-            self.train(round_, m, nodes)
+            self.train(round_, m, nodes, planned)
             m.version = self.fed.state.version
             write_pending(run_dir, m)
             save_checkpoint(run_dir, round_, self.fed.state)
@@ -203,13 +249,15 @@ class Federation:
             m.seconds = time.perf_counter() - start
             append_metrics(run_dir, m)
             bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-", replies=m.replies)
+        return None
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> None:
     """Run (or resume) the federation described by ``cfg`` in ``cfg.run_dir``.
 
-    Writes ``status.json`` (``completed`` or ``failed`` with the reason) so callers that
-    cannot see this thread's exceptions (``flwr run``) can still tell how it ended.
+    Writes ``status.json`` (``completed``, with a ``reason`` when the DP budget stopped the
+    run early, or ``failed`` with the error) so callers that cannot see this thread's
+    exceptions (``flwr run``) can still tell how it ended.
     """
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,11 +267,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
         _check_resumable(run_dir, cfg)
         atomic_write_text(run_dir / wire.CONFIG_FILE, dumps(cfg))
         ensure_canaries(run_dir, cfg)  # audit runs only: secrets the devices plant, for the report
-        Federation(grid, cfg, run_dir).run()
+        stopped = Federation(grid, cfg, run_dir).run()
     except BaseException as err:
         atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
         raise
-    atomic_write_text(status, json.dumps({"status": "completed"}))
+    atomic_write_text(status, json.dumps({"status": "completed", **({"reason": stopped} if stopped else {})}))
 
 
 def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
@@ -232,7 +280,7 @@ def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     if not (saved.is_file() and (run_dir / wire.CHECKPOINT_DIR).is_dir()):
         return
     old, new = json.loads(saved.read_text()), to_flat(cfg)
-    free = {"federation.rounds", "run-dir", "federation.reply-timeout"}
+    free = {"federation.rounds", "run-dir", "federation.reply-timeout", "dp.max-epsilon"}
     changed = sorted(k for k in old.keys() | new.keys() if k not in free and old.get(k) != new.get(k))
     if changed:
         raise FederationError(
