@@ -23,6 +23,7 @@ from edgetune.config import RunConfig, from_flat
 
 from .device import Downlink, eval_round, sync_global, train_round
 from .examples import TokenizedDevice, canary_file_for, tokenized_device
+from .ort_engine import select_engine
 from .storage import DeviceStorage
 from .train import device_model
 
@@ -98,7 +99,8 @@ def _reply(msg: Message, r: _Round, metrics: dict[str, float | int], delta: Payl
 def train(msg: Message, context: Context) -> Message:
     """Sync, train K local steps, reply with the encoded delta."""
     r = _open_round(msg, context)
-    payload, stats, n = train_round(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round)
+    engine = select_engine(r.cfg, context.node_config)  # pytorch, or onnxruntime for this device
+    payload, stats, n = train_round(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round, engine)
     metrics = {
         wire.NUM_EXAMPLES: n,
         wire.TRAIN_LOSS: stats.loss,

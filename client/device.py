@@ -23,6 +23,7 @@ from edgetune.config import RunConfig
 
 from .data import iterate_batches
 from .examples import TokenizedDevice
+from .ort_engine import ORT, train_local_ort
 from .storage import DeviceStorage
 from .train import StepStats, evaluate, train_local
 
@@ -109,17 +110,22 @@ def train_round(
     global_state: StateDict,
     cfg: RunConfig,
     round_: int,
+    engine: str = "pytorch",
 ) -> tuple[Payload, StepStats, int]:
     """Train from the global adapter and return ``(encoded delta, stats, num examples)``.
 
     The data order depends only on (run seed, round, device), so a redone round after a
-    server crash repeats exactly.
+    server crash repeats exactly. ``engine`` (``client.ort_engine.select_engine``) picks
+    PyTorch or ONNX Runtime for the local steps; everything after them is the same.
     """
     set_adapter(model, global_state)
     batches = iterate_batches(
         data.train, cfg.train.batch_size, cfg.train.local_steps, _seed(cfg.seed, round_, data.name), pad_id
     )
-    stats = train_local(model, batches, cfg.train)
+    if engine == ORT:
+        stats = train_local_ort(model, batches, cfg, storage.root)
+    else:
+        stats = train_local(model, batches, cfg.train)
     local = get_adapter(model)
     names = exchanged_names({k: tuple(v.shape) for k, v in local.items()}, cfg.lora)
     delta = subtract({k: local[k] for k in names}, {k: global_state[k] for k in names})

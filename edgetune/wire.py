@@ -45,6 +45,7 @@ PARTITION_ID = "partition-id"
 STORAGE_DIR = "storage-dir"
 DATA_PATH = "data-path"
 DEVICE_ID = "device-id"
+TRAIN_ENGINE = "train-engine"  # pytorch | onnxruntime (overrides train.engine)
 
 # Run folder layout.
 CONFIG_FILE = "config.json"
@@ -63,5 +64,6 @@ REPORT_JSON = "report.json"
 # Device storage layout.
 HELD_ADAPTER_FILE = "global_adapter.safetensors"
 RESIDUAL_FILE = "residual.safetensors"
+ORT_ARTIFACTS_DIR = "ort-training"  # <storage>/ort-training/<key>/: ONNX Runtime training artefacts
 
 __all__ = [k for k in dir() if k.isupper()]

@@ -1,0 +1,416 @@
+"""The ``ort-training`` format: ONNX Runtime on-device training artefacts for the LoRA adapter.
+
+Stages (inside the pipeline's export / lower / serialise)::
+
+    export     trace ``(input_ids, attention_mask, labels) -> loss`` of the base model with the
+               LoRA adapter attached (not merged), for training (no constant folding)
+    lower      ``onnxruntime.training.artifacts.generate_artifacts``: gradient graph for the
+               trainable LoRA tensors only (B by default, A and B with lora.train-a), the eval
+               graph, an AdamW optimizer graph and the parameter checkpoint
+    serialise  those four files, plus ``inference_model.onnx`` (logits, for generation and the
+               parity check) and the tokenizer, in one folder
+
+The loss is exactly the device's PyTorch loss (``client.train.summed_loss`` divided by the
+label-token count, computed in the graph): next-token cross-entropy over positions whose label
+is not -100, the LM head run on those positions only. ORT CPU training runs in fp32 (no bf16
+autocast); the PyTorch device path defaults to bf16.
+
+Parameter names: the checkpoint names a tensor ``model.<PEFT module name>`` (e.g.
+``model.base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight``);
+:func:`peft_name` maps it to the adapter-file name the federation exchanges.
+
+:class:`OrtTrainer` is what a device (``client/ort_engine.py``) drives each round, and
+:func:`benchmark_step` times one ORT step against one PyTorch step on the same batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from edge_export.errors import ExportError
+from edge_export.onnx_export import LogitsGraph, OnnxRunner, check_graph, export_graph, session_options
+
+__all__ = [
+    "FORMAT",
+    "INFERENCE_FILE",
+    "OrtTrainer",
+    "OrtTrainingFormat",
+    "StepBenchmark",
+    "build_artifacts",
+    "benchmark_step",
+    "peft_name",
+]
+
+ADAPTER_NAME = "default"
+TRAINING_FILE = "training_model.onnx"
+EVAL_FILE = "eval_model.onnx"
+OPTIMIZER_FILE = "optimizer_model.onnx"
+CHECKPOINT_FILE = "checkpoint"
+INFERENCE_FILE = "inference_model.onnx"
+MANIFEST_FILE = "artifacts.json"
+INPUTS = ("input_ids", "attention_mask", "labels")
+LOGITS_INPUTS = ("input_ids", "attention_mask")
+ADAMW_EPS = 1e-8
+"""torch.optim.AdamW's default epsilon (ORT's AdamW block defaults to 1e-6)."""
+
+
+class LossGraph(nn.Module):
+    """``(B, T)`` ids, mask, labels -> scalar mean cross-entropy per label token.
+
+    Same maths as the device's PyTorch step (``summed_loss / n``); the token count is a graph
+    tensor (not a traced constant), clamped to 1 so a batch without labels gives 0, not NaN.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        from client.train import summed_loss
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        loss_sum, _ = summed_loss(self.model, batch)
+        count = (labels[:, 1:] != -100).sum().clamp(min=1)
+        return loss_sum / count
+
+
+def peft_name(onnx_name: str) -> str:
+    """The adapter-file name of a checkpoint parameter.
+
+    Example:
+        >>> peft_name("model.base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight")
+        'base_model.model.model.layers.0.mlp.up_proj.lora_B.weight'
+    """
+    return onnx_name.removeprefix("model.").replace(f".{ADAPTER_NAME}.", ".")
+
+
+def _label_tokens(labels: np.ndarray) -> int:
+    return int((labels[:, 1:] != -100).sum())
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Trace with eager attention (the exporter's explicit-mask path), then restore the setting."""
+    config = model.config
+    before = config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def _quiet_ort_builder() -> Iterator[None]:
+    """Hold back the gradient builder's native log lines; replay them if the build fails.
+
+    ORT 1.19's ``GradientGraphBuilder`` logs every graph pass at INFO straight to the process's
+    stderr (file descriptor 2) and takes no logging option through ``generate_artifacts``;
+    ``onnxblock`` also logs at INFO on Python's root logger.
+    """
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            logger.setLevel(level)
+
+
+def trace_training_graph(model: PeftModel, path: Path) -> list[str]:
+    """Export the loss graph of ``model`` and return the trainable parameters' graph names.
+
+    Trainable = ``requires_grad`` on the PEFT model (``adapters.lora.attach_lora`` sets it:
+    LoRA B, plus A in both-factor mode).
+
+    Raises:
+        ExportError: the model has no trainable LoRA tensor, or the trace failed.
+    """
+    trainable = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or not all(".lora_" in n for n in trainable):
+        raise ExportError(f"ort-training needs trainable LoRA tensors only; found {trainable[:3] or 'none'}")
+    with _eager_attention(model.get_base_model()), torch.enable_grad():
+        export_graph(LossGraph(model), path, INPUTS, ("loss",), training=True)
+    return trainable
+
+
+def _use_torch_adamw(path: Path) -> None:
+    """Switch the optimizer graph's AdamW node to PyTorch's formula (``adam_mode=0``).
+
+    ORT's AdamW block hard-codes ``adam_mode=1`` (Hugging Face's AdamW, whose epsilon sits
+    outside the bias correction: on the first step it acts about 30x larger), so tiny
+    gradients would move differently from the PyTorch device path's ``torch.optim.AdamW``.
+    """
+    import onnx
+
+    graph = onnx.load(str(path))
+    nodes = [n for n in graph.graph.node if n.op_type == "AdamWOptimizer"]
+    if len(nodes) != 1:
+        raise ExportError(f"{path.name}: expected one AdamWOptimizer node, found {len(nodes)}", bad_choice=False)
+    for attribute in nodes[0].attribute:
+        if attribute.name == "adam_mode":
+            attribute.i = 0
+    onnx.save(graph, str(path))
+
+
+def build_artifacts(model: PeftModel, out: Path) -> Path:
+    """Write training, eval and AdamW optimizer graphs and the checkpoint for ``model``'s LoRA.
+
+    Args:
+        model: a base model with the LoRA adapter attached (PEFT, not merged).
+        out: folder to write (created; files are replaced).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ExportError: see :func:`trace_training_graph`; or ONNX Runtime could not build the
+            gradient graph.
+    """
+    import onnx
+    from onnxruntime.training import artifacts, onnxblock
+
+    out.mkdir(parents=True, exist_ok=True)
+    traced = out / "loss_model.onnx"
+    trainable = trace_training_graph(model, traced)
+    graph = onnx.load(str(traced))
+    names = [t.name for t in graph.graph.initializer]
+    missing = sorted(set(trainable) - set(names))
+    if missing:
+        raise ExportError(f"the traced graph lost trainable tensor {missing[0]}", bad_choice=False)
+    frozen = [n for n in names if n not in set(trainable)]
+    try:
+        with _quiet_ort_builder():
+            artifacts.generate_artifacts(
+                graph,
+                requires_grad=trainable,
+                frozen_params=frozen,
+                loss=None,  # the graph's output already is the loss
+                optimizer=onnxblock.optim.AdamW(eps=ADAMW_EPS, weight_decay=0.0),
+                artifact_directory=out,
+            )
+    except RuntimeError as err:
+        raise ExportError(f"onnxruntime could not build training artefacts: {err}", bad_choice=False) from err
+    traced.unlink()
+    _use_torch_adamw(out / OPTIMIZER_FILE)
+    manifest = {"trainable": [peft_name(n) for n in trainable], "inputs": list(INPUTS), "precision": "fp32"}
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+class OrtTrainer:
+    """One training session over a set of artefacts: fresh AdamW state, given starting adapter.
+
+    Args:
+        folder: a folder written by :func:`build_artifacts`.
+        start: the adapter to start from (PEFT names -> tensors); every checkpoint LoRA tensor
+            whose name appears is overwritten, others keep their exported value.
+        learning_rate: AdamW learning rate.
+    """
+
+    def __init__(self, folder: Path, start: dict[str, Tensor], learning_rate: float) -> None:
+        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+        self.state = CheckpointState.load_checkpoint(str(folder / CHECKPOINT_FILE))
+        self.lora_names = {peft_name(n): n for n, _ in self.state.parameters if ".lora_" in n}
+        options = session_options()
+        self.module = Module(str(folder / TRAINING_FILE), self.state, str(folder / EVAL_FILE), "cpu", options)
+        # Parameters can only be written once a Module owns the state (ORT 1.19 crashes before).
+        for name, onnx_name in self.lora_names.items():
+            if name in start:
+                self.state.parameters[onnx_name] = start[name].detach().float().contiguous().numpy()
+        self.optimizer = Optimizer(str(folder / OPTIMIZER_FILE), self.module)
+        self.optimizer.set_learning_rate(learning_rate)
+
+    def step(self, batch: dict[str, Tensor]) -> tuple[float, int]:
+        """One AdamW step on ``batch``; returns (mean loss per label token, label tokens)."""
+        self.module.train()
+        feeds = [batch[k].numpy().astype(np.int64) for k in INPUTS]
+        loss = float(self.module(*feeds))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return loss, _label_tokens(feeds[2])
+
+    def eval_loss(self, batch: dict[str, Tensor]) -> float:
+        """Mean loss per label token on ``batch`` with the eval graph (no update)."""
+        self.module.eval()
+        return float(self.module(*[batch[k].numpy().astype(np.int64) for k in INPUTS]))
+
+    def adapter(self) -> dict[str, Tensor]:
+        """The current LoRA tensors (fp32 copies), PEFT adapter-file names."""
+        return {
+            name: torch.from_numpy(np.array(self.state.parameters[onnx_name].data, dtype=np.float32))
+            for name, onnx_name in self.lora_names.items()
+        }
+
+
+@dataclass(frozen=True)
+class StepBenchmark:
+    """One training step on the same batch from the same adapter, ORT vs PyTorch."""
+
+    ort_seconds: float
+    torch_seconds: float
+    ort_loss: float
+    torch_loss: float
+    label_tokens: int
+    precision: str
+    """The PyTorch step's precision (ORT always runs fp32)."""
+
+    @property
+    def speedup(self) -> float:
+        """PyTorch time / ORT time (> 1: ORT is faster)."""
+        return self.torch_seconds / self.ort_seconds
+
+
+def benchmark_step(
+    model: PeftModel,
+    batch: dict[str, Tensor],
+    folder: Path,
+    learning_rate: float,
+    precision: str = "fp32",
+    repeats: int = 3,
+) -> StepBenchmark:
+    """Time ONNX Runtime and PyTorch AdamW steps on ``batch`` from ``model``'s current adapter.
+
+    Each engine starts from the same adapter with a fresh AdamW and runs ``1 + repeats``
+    steps on the same batch: the first (warm-up: session memory planning, autograd set-up) is
+    not timed and gives the reported loss, which should agree across engines to float
+    tolerance in fp32; the time is the median of the other ``repeats``. ``model``'s adapter is
+    restored afterwards.
+
+    Args:
+        model: PEFT model whose artefacts are in ``folder`` (see :func:`build_artifacts`).
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (``(B, T)`` int64).
+        folder: the artefact folder.
+        learning_rate: AdamW learning rate for both.
+        precision: ``fp32`` or ``bf16`` (CPU autocast) for the PyTorch step; ORT is fp32.
+        repeats: timed steps per engine.
+    """
+    from adapters.lora import get_adapter, set_adapter
+
+    start = get_adapter(model)
+    trainer = OrtTrainer(folder, start, learning_rate)
+    ort_losses, ort_times = _timed_steps(lambda: trainer.step(batch)[0], repeats)
+    torch_step = _torch_stepper(model, batch, learning_rate, precision)
+    torch_losses, torch_times = _timed_steps(torch_step, repeats)
+    model.eval()
+    set_adapter(model, start)
+    return StepBenchmark(
+        float(np.median(ort_times)),
+        float(np.median(torch_times)),
+        ort_losses[0],
+        torch_losses[0],
+        _label_tokens(batch["labels"].numpy()),
+        precision,
+    )
+
+
+def _timed_steps(step: Callable[[], float], repeats: int) -> tuple[list[float], list[float]]:
+    """Run ``1 + repeats`` steps; return every loss and the times of all but the first."""
+    losses, times = [], []
+    for _ in range(1 + repeats):
+        began = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - began)
+    return losses, times[1:]
+
+
+def _torch_stepper(
+    model: PeftModel, batch: dict[str, Tensor], learning_rate: float, precision: str
+) -> Callable[[], float]:
+    """One device-path PyTorch step per call (``client.train.train_local``'s inner loop)."""
+    from client.train import autocast, summed_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    model.train()
+
+    def step() -> float:
+        with autocast(precision):
+            loss_sum, count = summed_loss(model, batch)
+        loss = loss_sum / max(count, 1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+class OrtTrainingFormat:
+    """``--format ort-training``: LoRA training artefacts + an inference graph, in one folder.
+
+    ``keeps_adapter``: the pipeline should hand :meth:`export` the base model with the adapter
+    attached (a ``PeftModel``, trainable LoRA per lora.train-a), not the merged model. Given a
+    plain model (adapter merged or none), a fresh default LoRA (rank 8, all projections, B
+    zero) is attached so that the device can go on learning on top of the merged weights.
+    """
+
+    name = "ort-training"
+    keeps_adapter = True
+
+    def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, opts: Any, stage: Any) -> Path:
+        """Write the artefact folder ``opts.out / ort-training`` and return it.
+
+        Raises:
+            ExportError: ``opts.quantize`` is not ``none``, or a build step failed.
+        """
+        if opts.quantize != "none":
+            raise ExportError(f"--quantize {opts.quantize} is not supported by --format {self.name} (fp32 training)")
+        peft_model = model if isinstance(model, PeftModel) else _fresh_lora(model)
+        folder = Path(opts.out) / self.name
+        staging = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with stage("export"), _eager_attention(peft_model.get_base_model()):
+            export_graph(LogitsGraph(peft_model), staging / INFERENCE_FILE, LOGITS_INPUTS, ("logits",), training=False)
+        with stage("lower"):
+            build_artifacts(peft_model, staging)
+            check_graph(staging / INFERENCE_FILE)
+        with stage("serialise"):
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.replace(folder)
+        return folder
+
+    def load(self, artefact: Path) -> OnnxRunner:
+        """A runner over the folder's inference graph (same weights as the training checkpoint)."""
+        return OnnxRunner(Path(artefact) / INFERENCE_FILE)
+
+
+def _fresh_lora(model: nn.Module) -> PeftModel:
+    from adapters.lora import attach_lora
+    from edgetune.config import LoraConfig
+
+    return attach_lora(model, LoraConfig())
+
+
+FORMAT = OrtTrainingFormat()
