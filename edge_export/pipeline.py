@@ -19,6 +19,7 @@ its functions, so that importing this registry stays cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -33,7 +34,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerB
 from edge_export.errors import ExportError, RunnerUnavailable
 
 __all__ = [
-    "FORMATS",
+    "FLOAT_TYPES",
     "QUANTIZE",
     "STAGES",
     "ExportFormat",
@@ -41,6 +42,7 @@ __all__ = [
     "ExportResult",
     "Runner",
     "Stage",
+    "formats",
     "load_merged",
     "run_export",
     "stage_printer",
@@ -48,6 +50,7 @@ __all__ = [
 
 STAGES = ("load", "merge", "export", "lower", "serialise", "parity")
 QUANTIZE = ("none", "8bit", "4bit")
+FLOAT_TYPES = ("f32", "f16")
 
 Stage = Callable[[str], AbstractContextManager[None]]
 """``stage("lower")`` opens a named pipeline stage; it prints its start and its wall time."""
@@ -67,10 +70,15 @@ class ExportOptions:
     Other formats ignore it."""
     max_seq_len: int = 256
     """KV-cache length / static sequence length of the exported model (prompt + new tokens)."""
+    float_type: str = "f32"
+    """Storage type of weights that are not quantised: ``f32`` or ``f16`` (gguf only; the
+    other formats export fp32 and reject ``f16``)."""
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE:
             raise ExportError(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+        if self.float_type not in FLOAT_TYPES:
+            raise ExportError(f"--float-type {self.float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
         if self.max_seq_len < 8:
             raise ExportError(f"--max-seq-len {self.max_seq_len}: must be at least 8")
 
@@ -111,15 +119,24 @@ class ExportFormat(Protocol):
         ...
 
 
-def _registry() -> dict[str, ExportFormat]:
+@functools.cache
+def formats() -> dict[str, ExportFormat]:
+    """Format name (the ``--format`` choice) -> format object, in ``--help`` order.
+
+    Built on first use, not at import: the format modules import this one for
+    :class:`ExportOptions`, so they must be able to load it first.
+    """
     from edge_export import executorch_export, gguf_export, onnx_export, ort_training
 
     modules = (executorch_export, onnx_export, ort_training, gguf_export)
     return {m.FORMAT.name: m.FORMAT for m in modules}
 
 
-FORMATS: dict[str, ExportFormat] = _registry()
-"""Format name (the ``--format`` choice) -> format object."""
+def __getattr__(name: str) -> Any:
+    # ``FORMATS`` reads like a constant but resolves lazily (see :func:`formats`).
+    if name == "FORMATS":
+        return formats()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -218,7 +235,7 @@ def run_export(
     Args:
         base: model spec (see :func:`load_merged`).
         adapter: PEFT adapter folder or ``None``.
-        format_name: a key of :data:`FORMATS`.
+        format_name: a key of :func:`formats` (also ``FORMATS``).
         opts: output folder, quantisation, backend, sequence length.
         check_parity: run stage 6 (on by default; the benchmark drives parity itself).
         new_tokens: greedy tokens per prompt in the parity check.
@@ -230,9 +247,10 @@ def run_export(
     Raises:
         ExportError: an unsupported choice, or an export that failed.
     """
-    if format_name not in FORMATS:
-        raise ExportError(f"--format {format_name!r}: choose one of {', '.join(FORMATS)}")
-    fmt = FORMATS[format_name]
+    registry = formats()
+    if format_name not in registry:
+        raise ExportError(f"--format {format_name!r}: choose one of {', '.join(registry)}")
+    fmt = registry[format_name]
     seconds: dict[str, float] = {}
     stage = stage_printer(seconds, print_fn)
     model, tokenizer = load_merged(base, adapter, stage)
