@@ -51,7 +51,7 @@ _META_SUFFIX = ".json"
 _COREML_RUNTIME = "CoreMLBackend"
 
 
-def _check_choice(model: LlamaForCausalLM, opts: ExportOptions) -> None:
+def _check_options(opts: ExportOptions) -> None:
     if opts.backend not in BACKENDS:
         raise ExportError(f"--backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}")
     if opts.quantize != "none" and opts.backend != "xnnpack":
@@ -60,6 +60,9 @@ def _check_choice(model: LlamaForCausalLM, opts: ExportOptions) -> None:
         raise ExportError(f"--float-type {opts.float_type}: the pte format keeps f32 weights (use --quantize)")
     if opts.backend == "qnn":
         _check_qnn_sdk()
+
+
+def _check_model(model: LlamaForCausalLM, opts: ExportOptions) -> None:
     if opts.quantize == "4bit":
         widths = {"hidden_size": model.config.hidden_size, "intermediate_size": model.config.intermediate_size}
         for key, width in widths.items():
@@ -189,11 +192,16 @@ class PteFormat:
 
     name: str = "pte"
 
+    def check_options(self, opts: ExportOptions) -> None:
+        """Reject an unknown backend, quantisation off XNNPACK, f16, or QNN without its SDK."""
+        _check_options(opts)
+
     def export(
         self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, opts: ExportOptions, stage: Stage
     ) -> Path:
         """Capture, lower and write ``<out>/model.pte`` (+ ``model.json``); returns the .pte path."""
-        _check_choice(model, opts)
+        _check_options(opts)
+        _check_model(model, opts)
         with stage("export"):
             if opts.quantize != "none":
                 model = _clone(model)

@@ -48,10 +48,13 @@ _HF_TO_GGUF = {  # Hugging Face per-layer suffix -> llama.cpp tensor kind
 _PRE_TOKENIZER_NAMES = {"digits+bytelevel": "smollm", "bytelevel": "gpt2"}
 
 
-def _check_architecture(model: LlamaForCausalLM, opts: ExportOptions) -> None:
-    config = model.config
+def _check_options(opts: ExportOptions) -> None:
     if opts.quantize not in ("none", "8bit"):
         raise ExportError(f"--quantize {opts.quantize}: the gguf format writes f32/f16 or 8bit (Q8_0) only")
+
+
+def _check_architecture(model: LlamaForCausalLM) -> None:
+    config = model.config
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type != "default":
         raise ExportError(f"gguf: RoPE type {rope_type!r} is not supported by this exporter (plain RoPE only)")
@@ -206,13 +209,18 @@ class GgufFormat:
 
     name: str = "gguf"
 
+    def check_options(self, opts: ExportOptions) -> None:
+        """Reject 4-bit (only f32, f16 and Q8_0 are written)."""
+        _check_options(opts)
+
     def export(
         self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, opts: ExportOptions, stage: Stage
     ) -> Path:
         """Write ``<out>/model.gguf`` and return its path."""
         import gguf
 
-        _check_architecture(model, opts)
+        _check_options(opts)
+        _check_architecture(model)
         artefact = opts.out / "model.gguf"
         writer = gguf.GGUFWriter(artefact, "llama")
         with stage("export"):

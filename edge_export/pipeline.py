@@ -96,7 +96,11 @@ class Runner(Protocol):
 
 
 class ExportFormat(Protocol):
-    """One artefact format: how to write it and how to run it back."""
+    """One artefact format: how to write it and how to run it back.
+
+    A format may also define ``check_options(opts) -> None`` raising :class:`ExportError`;
+    the pipeline calls it before loading the model, so a bad choice fails in a second.
+    """
 
     name: str
 
@@ -251,6 +255,9 @@ def run_export(
     if format_name not in registry:
         raise ExportError(f"--format {format_name!r}: choose one of {', '.join(registry)}")
     fmt = registry[format_name]
+    check_options = getattr(fmt, "check_options", None)
+    if check_options is not None:  # optional: reject a bad choice before the model loads
+        check_options(opts)
     seconds: dict[str, float] = {}
     stage = stage_printer(seconds, print_fn)
     model, tokenizer = load_merged(base, adapter, stage)
