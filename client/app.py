@@ -23,6 +23,7 @@ from edgetune.config import RunConfig, from_flat
 
 from .device import Downlink, eval_round, sync_global, train_round
 from .examples import TokenizedDevice, canary_file_for, tokenized_device
+from .retrieval import rag_tokenized_device
 from .ort_engine import select_engine
 from .storage import DeviceStorage
 from .train import device_model
@@ -78,6 +79,15 @@ def _open_round(msg: Message, context: Context) -> _Round:
         tokenizer,
         canary_file_for(cfg, str(config[wire.DEVICE_ROOT])),  # audit runs plant canaries
     )
+    if cfg.rag.enabled:  # the same examples, each question with context from the device's own index
+        data = rag_tokenized_device(
+            cfg,
+            str(node.get(wire.DATA_PATH, "")),
+            int(node.get(wire.PARTITION_ID, 0)),
+            storage.root,
+            tokenizer,
+            canary_file_for(cfg, str(config[wire.DEVICE_ROOT])),
+        )
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))
     return _Round(cfg, storage, model, tokenizer.pad_token_id, data, state, int(config[wire.ROUND]), version, device_id)

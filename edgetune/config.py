@@ -30,6 +30,7 @@ __all__ = [
     "FederationConfig",
     "LoraConfig",
     "ModelConfig",
+    "RagConfig",
     "RunConfig",
     "TrainConfig",
     "from_flat",
@@ -254,6 +255,42 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class RagConfig:
+    """The device's local retrieval index and retrieval-augmented training (``client/rag.py``)."""
+
+    enabled: bool = False
+    """Prefix every training and held-out example's question with the top-k chunks retrieved
+    from the device's own index (a system "Context:" block; labels stay on the answer)."""
+    top_k: int = 3
+    """Chunks retrieved per question."""
+    documents: str = "answers"
+    """What a simulated device indexes on first use: ``answers`` (the assistant turns of its
+    own training split; a training example never retrieves its own answer), ``pydoc``
+    (Python's ``pydoc_data.topics`` dealt across devices), or a folder whose i-th sorted
+    subfolder holds device i's documents. A real device uses the index ``edgetune rag build``
+    made in its storage folder."""
+    chunk_size: int = 512
+    """Characters per chunk (chunks break at paragraph and heading boundaries where possible)."""
+    chunk_overlap: int = 64
+    """Characters a chunk repeats from the end of the one before it."""
+    max_context_tokens: int = 192
+    """Token cap on the context block; it also never takes tokens the answer needs within
+    ``data.max-length``."""
+
+    def __post_init__(self) -> None:
+        _check(self.top_k >= 1, "rag.top-k", self.top_k, "must be >= 1")
+        _check(self.chunk_size >= 32, "rag.chunk-size", self.chunk_size, "must be >= 32")
+        _check(
+            0 <= self.chunk_overlap < self.chunk_size // 2,
+            "rag.chunk-overlap",
+            self.chunk_overlap,
+            f"in [0, chunk-size/2={self.chunk_size // 2})",
+        )
+        _check(self.max_context_tokens >= 1, "rag.max-context-tokens", self.max_context_tokens, "must be >= 1")
+        _check(bool(self.documents), "rag.documents", self.documents, "answers, pydoc or a folder")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs."""
 
@@ -266,6 +303,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
     dp: DpConfig = field(default_factory=DpConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
 

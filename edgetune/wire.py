@@ -66,4 +66,11 @@ HELD_ADAPTER_FILE = "global_adapter.safetensors"
 RESIDUAL_FILE = "residual.safetensors"
 ORT_ARTIFACTS_DIR = "ort-training"  # <storage>/ort-training/<key>/: ONNX Runtime training artefacts
 
+# Device RAG index (<device storage>/rag/; never sent anywhere). The manifest is written last
+# and names the generation of the chunk and embedding files it belongs to.
+RAG_DIR = "rag"
+RAG_MANIFEST_FILE = "manifest.json"
+RAG_CHUNKS_PREFIX = "chunks-"  # chunks-<generation>.jsonl: one chunk per line, row order
+RAG_EMBEDDINGS_PREFIX = "embeddings-"  # embeddings-<generation>.npy: (N, 384) float32, unit rows
+
 __all__ = [k for k in dir() if k.isupper()]
