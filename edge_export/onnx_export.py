@@ -177,26 +177,34 @@ class OnnxRunner:
     def __init__(self, path: Path) -> None:
         self.session = inference_session(path)
 
-    def _logits(self, ids: list[int]) -> np.ndarray:
+    def sequence_logits(self, ids: list[int]) -> np.ndarray:
+        """(T, vocab) fp32 logits at every position of ``ids`` (one graph run)."""
         batch = np.asarray([ids], dtype=np.int64)  # (1, T)
         feeds = {"input_ids": batch, "attention_mask": np.ones_like(batch)}
-        return self.session.run(["logits"], feeds)[0][0, -1]  # (V,)
+        return self.session.run(["logits"], feeds)[0][0].astype(np.float32)
 
     def next_token_logits(self, ids: list[int]) -> np.ndarray:
         """(vocab,) fp32 logits for the token after ``ids``."""
-        return self._logits(ids).astype(np.float32)
+        return self.sequence_logits(ids)[-1]
 
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Exactly ``max_new_tokens`` greedy new ids after ``ids`` (no stop at EOS)."""
         seq = list(ids)
         for _ in range(max_new_tokens):
-            seq.append(int(np.argmax(self._logits(seq))))
+            seq.append(int(np.argmax(self.next_token_logits(seq))))
         return seq[len(ids) :]
 
 
-def _reject_options(name: str, quantize: str) -> None:
-    if quantize != "none":
-        raise ExportError(f"--quantize {quantize} is not supported by --format {name}; use --format pte for it")
+def reject_unsupported(name: str, opts: Any) -> None:
+    """The ONNX formats export fp32 weights only.
+
+    Raises:
+        ExportError: ``opts.quantize`` is not ``none`` or ``opts.float_type`` is not ``f32``.
+    """
+    if opts.quantize != "none":
+        raise ExportError(f"--quantize {opts.quantize} is not supported by --format {name}; use --format pte for it")
+    if getattr(opts, "float_type", "f32") != "f32":
+        raise ExportError(f"--float-type {opts.float_type} is not supported by --format {name} (fp32 only)")
 
 
 def _write_atomically(src: Path, dest: Path) -> None:
@@ -218,7 +226,7 @@ class OnnxFormat:
         Raises:
             ExportError: ``opts.quantize`` is not ``none``, or the export/check failed.
         """
-        _reject_options(self.name, opts.quantize)
+        reject_unsupported(self.name, opts)
         out = Path(opts.out)
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -231,6 +239,10 @@ class OnnxFormat:
                 _write_atomically(traced, out / MODEL_FILE)
                 tokenizer.save_pretrained(out)
         return out / MODEL_FILE
+
+    def check_options(self, opts: Any) -> None:
+        """Reject quantisation and fp16 before the model loads (see :func:`reject_unsupported`)."""
+        reject_unsupported(self.name, opts)
 
     def load(self, artefact: Path) -> OnnxRunner:
         """A runner over ``model.onnx``."""

@@ -45,7 +45,14 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from edge_export.errors import ExportError
-from edge_export.onnx_export import LogitsGraph, OnnxRunner, check_graph, export_graph, session_options
+from edge_export.onnx_export import (
+    LogitsGraph,
+    OnnxRunner,
+    check_graph,
+    export_graph,
+    reject_unsupported,
+    session_options,
+)
 
 __all__ = [
     "FORMAT",
@@ -369,9 +376,9 @@ class OrtTrainingFormat:
     """``--format ort-training``: LoRA training artefacts + an inference graph, in one folder.
 
     ``keeps_adapter``: the pipeline should hand :meth:`export` the base model with the adapter
-    attached (a ``PeftModel``, trainable LoRA per lora.train-a), not the merged model. Given a
-    plain model (adapter merged or none), a fresh default LoRA (rank 8, all projections, B
-    zero) is attached so that the device can go on learning on top of the merged weights.
+    attached, not merged (:meth:`attach_adapter`). Given a plain model (adapter merged or
+    none), a fresh default LoRA (rank 8, all projections, B zero) is attached in place, so
+    that the device goes on learning on top of the merged weights.
     """
 
     name = "ort-training"
@@ -383,8 +390,7 @@ class OrtTrainingFormat:
         Raises:
             ExportError: ``opts.quantize`` is not ``none``, or a build step failed.
         """
-        if opts.quantize != "none":
-            raise ExportError(f"--quantize {opts.quantize} is not supported by --format {self.name} (fp32 training)")
+        reject_unsupported(self.name, opts)
         peft_model = model if isinstance(model, PeftModel) else _fresh_lora(model)
         folder = Path(opts.out) / self.name
         staging = folder.with_name(folder.name + ".tmp")
@@ -400,6 +406,29 @@ class OrtTrainingFormat:
             shutil.rmtree(folder, ignore_errors=True)
             staging.replace(folder)
         return folder
+
+    def attach_adapter(self, model: nn.Module, adapter: Path | None) -> PeftModel:
+        """``model`` with the PEFT adapter folder ``adapter`` attached, not merged, LoRA B trainable.
+
+        What :meth:`export` should receive in place of the merged model. ``None`` attaches a
+        fresh default LoRA (B zero).
+
+        Raises:
+            ExportError: ``adapter`` is not a PEFT adapter folder that fits ``model``.
+        """
+        if adapter is None:
+            return _fresh_lora(model)
+        try:
+            peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        except (ValueError, KeyError, RuntimeError, OSError) as err:
+            raise ExportError(f"--adapter {adapter} does not fit this base model: {err}") from err
+        for name, param in peft_model.named_parameters():
+            param.requires_grad = ".lora_B." in name  # the federation's default: A frozen from the seed
+        return peft_model.eval()
+
+    def check_options(self, opts: Any) -> None:
+        """Reject quantisation and fp16 before the model loads (ORT trains in fp32)."""
+        reject_unsupported(self.name, opts)
 
     def load(self, artefact: Path) -> OnnxRunner:
         """A runner over the folder's inference graph (same weights as the training checkpoint)."""

@@ -18,6 +18,7 @@ import torch
 from peft import PeftModel
 
 from adapters.lora import attach_lora, get_adapter, set_adapter
+from adapters.peft_io import save_adapter
 from client.ort_engine import ORT, select_engine
 from client.train import summed_loss
 from edge_export import onnx_export, ort_training
@@ -75,9 +76,7 @@ def _assert_parity(runner, model, tokenizer) -> None:  # noqa: ANN001
         ids = _prompt_ids(tokenizer, text)
         with torch.no_grad():
             eager = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()  # (T, V)
-        exported = runner.session.run(
-            ["logits"], {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)}
-        )[0][0]
+        exported = runner.sequence_logits(ids)  # (T, V), one graph run
         assert exported.shape == eager.shape
         assert (exported.argmax(-1) == eager.argmax(-1)).all()  # top-1 at every prompt position
         assert np.abs(exported - eager).max() < 1e-4
@@ -121,10 +120,16 @@ def test_onnx_formats_reject_quantisation(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ort_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[PeftModel, Path]:
-    """The ort-training format's folder for a tiny model with a random rank-4 adapter."""
-    model = _random_lora(LoraConfig(rank=4))
+    """The ort-training format's folder for a tiny model with a random rank-4 adapter.
+
+    The adapter goes through its PEFT folder and ``attach_adapter``, as in ``edgetune export``.
+    """
+    lora = LoraConfig(rank=4)
     out = tmp_path_factory.mktemp("ort")
-    folder = ort_training.FORMAT.export(model, models.tiny_tokenizer(), _Options(out), _stage)
+    save_adapter(out / "adapter", get_adapter(_random_lora(lora)), lora, None)
+    tokenizer = models.tiny_tokenizer()
+    model = ort_training.FORMAT.attach_adapter(models.tiny_llama(len(tokenizer)), out / "adapter")
+    folder = ort_training.FORMAT.export(model, tokenizer, _Options(out), _stage)
     return model, folder
 
 
