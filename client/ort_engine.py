@@ -93,7 +93,7 @@ def train_local_ort(
 
     On return ``model`` holds the trained adapter (as after the PyTorch path).
     """
-    from edge_export.ort_training import OrtTrainer
+    from edge_export.ort_trainer import OrtTrainer
 
     folder = artifacts_for(model, cfg, storage_root)
     start = time.perf_counter()

@@ -19,8 +19,8 @@ Parameter names: the checkpoint names a tensor ``model.<PEFT module name>`` (e.g
 ``model.base_model.model.model.layers.0.mlp.up_proj.lora_B.default.weight``);
 :func:`peft_name` maps it to the adapter-file name the federation exchanges.
 
-:class:`OrtTrainer` is what a device (``client/ort_engine.py``) drives each round, and
-:func:`benchmark_step` times one ORT step against one PyTorch step on the same batch.
+Running the artefacts (a training session, the ORT-vs-PyTorch step benchmark) is
+``edge_export/ort_trainer.py``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +49,20 @@ from edge_export.onnx_export import (
     check_graph,
     export_graph,
     reject_unsupported,
-    session_options,
 )
 
 __all__ = [
+    "CHECKPOINT_FILE",
+    "EVAL_FILE",
     "FORMAT",
     "INFERENCE_FILE",
-    "OrtTrainer",
+    "INPUTS",
+    "MANIFEST_FILE",
+    "OPTIMIZER_FILE",
+    "TRAINING_FILE",
     "OrtTrainingFormat",
-    "StepBenchmark",
     "build_artifacts",
-    "benchmark_step",
+    "label_tokens",
     "peft_name",
 ]
 
@@ -108,7 +109,8 @@ def peft_name(onnx_name: str) -> str:
     return onnx_name.removeprefix("model.").replace(f".{ADAPTER_NAME}.", ".")
 
 
-def _label_tokens(labels: np.ndarray) -> int:
+def label_tokens(labels: np.ndarray) -> int:
+    """Positions that carry a next-token label (what the loss averages over)."""
     return int((labels[:, 1:] != -100).sum())
 
 
@@ -231,145 +233,6 @@ def build_artifacts(model: PeftModel, out: Path) -> Path:
     manifest = {"trainable": [peft_name(n) for n in trainable], "inputs": list(INPUTS), "precision": "fp32"}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
-
-
-class OrtTrainer:
-    """One training session over a set of artefacts: fresh AdamW state, given starting adapter.
-
-    Args:
-        folder: a folder written by :func:`build_artifacts`.
-        start: the adapter to start from (PEFT names -> tensors); every checkpoint LoRA tensor
-            whose name appears is overwritten, others keep their exported value.
-        learning_rate: AdamW learning rate.
-    """
-
-    def __init__(self, folder: Path, start: dict[str, Tensor], learning_rate: float) -> None:
-        from onnxruntime.training.api import CheckpointState, Module, Optimizer
-
-        self.state = CheckpointState.load_checkpoint(str(folder / CHECKPOINT_FILE))
-        self.lora_names = {peft_name(n): n for n, _ in self.state.parameters if ".lora_" in n}
-        options = session_options()
-        self.module = Module(str(folder / TRAINING_FILE), self.state, str(folder / EVAL_FILE), "cpu", options)
-        # Parameters can only be written once a Module owns the state (ORT 1.19 crashes before).
-        for name, onnx_name in self.lora_names.items():
-            if name in start:
-                self.state.parameters[onnx_name] = start[name].detach().float().contiguous().numpy()
-        self.optimizer = Optimizer(str(folder / OPTIMIZER_FILE), self.module)
-        self.optimizer.set_learning_rate(learning_rate)
-
-    def step(self, batch: dict[str, Tensor]) -> tuple[float, int]:
-        """One AdamW step on ``batch``; returns (mean loss per label token, label tokens)."""
-        self.module.train()
-        feeds = [batch[k].numpy().astype(np.int64) for k in INPUTS]
-        loss = float(self.module(*feeds))
-        self.optimizer.step()
-        self.module.lazy_reset_grad()
-        return loss, _label_tokens(feeds[2])
-
-    def eval_loss(self, batch: dict[str, Tensor]) -> float:
-        """Mean loss per label token on ``batch`` with the eval graph (no update)."""
-        self.module.eval()
-        return float(self.module(*[batch[k].numpy().astype(np.int64) for k in INPUTS]))
-
-    def adapter(self) -> dict[str, Tensor]:
-        """The current LoRA tensors (fp32 copies), PEFT adapter-file names."""
-        return {
-            name: torch.from_numpy(np.array(self.state.parameters[onnx_name].data, dtype=np.float32))
-            for name, onnx_name in self.lora_names.items()
-        }
-
-
-@dataclass(frozen=True)
-class StepBenchmark:
-    """One training step on the same batch from the same adapter, ORT vs PyTorch."""
-
-    ort_seconds: float
-    torch_seconds: float
-    ort_loss: float
-    torch_loss: float
-    label_tokens: int
-    precision: str
-    """The PyTorch step's precision (ORT always runs fp32)."""
-
-    @property
-    def speedup(self) -> float:
-        """PyTorch time / ORT time (> 1: ORT is faster)."""
-        return self.torch_seconds / self.ort_seconds
-
-
-def benchmark_step(
-    model: PeftModel,
-    batch: dict[str, Tensor],
-    folder: Path,
-    learning_rate: float,
-    precision: str = "fp32",
-    repeats: int = 3,
-) -> StepBenchmark:
-    """Time ONNX Runtime and PyTorch AdamW steps on ``batch`` from ``model``'s current adapter.
-
-    Each engine starts from the same adapter with a fresh AdamW and runs ``1 + repeats``
-    steps on the same batch: the first (warm-up: session memory planning, autograd set-up) is
-    not timed and gives the reported loss, which should agree across engines to float
-    tolerance in fp32; the time is the median of the other ``repeats``. ``model``'s adapter is
-    restored afterwards.
-
-    Args:
-        model: PEFT model whose artefacts are in ``folder`` (see :func:`build_artifacts`).
-        batch: ``input_ids``, ``attention_mask``, ``labels`` (``(B, T)`` int64).
-        folder: the artefact folder.
-        learning_rate: AdamW learning rate for both.
-        precision: ``fp32`` or ``bf16`` (CPU autocast) for the PyTorch step; ORT is fp32.
-        repeats: timed steps per engine.
-    """
-    from adapters.lora import get_adapter, set_adapter
-
-    start = get_adapter(model)
-    trainer = OrtTrainer(folder, start, learning_rate)
-    ort_losses, ort_times = _timed_steps(lambda: trainer.step(batch)[0], repeats)
-    torch_step = _torch_stepper(model, batch, learning_rate, precision)
-    torch_losses, torch_times = _timed_steps(torch_step, repeats)
-    model.eval()
-    set_adapter(model, start)
-    return StepBenchmark(
-        float(np.median(ort_times)),
-        float(np.median(torch_times)),
-        ort_losses[0],
-        torch_losses[0],
-        _label_tokens(batch["labels"].numpy()),
-        precision,
-    )
-
-
-def _timed_steps(step: Callable[[], float], repeats: int) -> tuple[list[float], list[float]]:
-    """Run ``1 + repeats`` steps; return every loss and the times of all but the first."""
-    losses, times = [], []
-    for _ in range(1 + repeats):
-        began = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - began)
-    return losses, times[1:]
-
-
-def _torch_stepper(
-    model: PeftModel, batch: dict[str, Tensor], learning_rate: float, precision: str
-) -> Callable[[], float]:
-    """One device-path PyTorch step per call (``client.train.train_local``'s inner loop)."""
-    from client.train import autocast, summed_loss
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    model.train()
-
-    def step() -> float:
-        with autocast(precision):
-            loss_sum, count = summed_loss(model, batch)
-        loss = loss_sum / max(count, 1)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
 
 
 class OrtTrainingFormat:

@@ -21,7 +21,7 @@ from adapters.lora import attach_lora, get_adapter, set_adapter
 from adapters.peft_io import save_adapter
 from client.ort_engine import ORT, select_engine
 from client.train import summed_loss
-from edge_export import onnx_export, ort_training
+from edge_export import onnx_export, ort_trainer, ort_training
 from edge_export.errors import ExportError
 from edgetune import models, wire
 from edgetune.config import LoraConfig, from_flat
@@ -146,7 +146,7 @@ def test_ort_step_matches_pytorch_step(ort_export: tuple[PeftModel, Path]) -> No
     model, folder = ort_export
     start = get_adapter(model)
     batch = _batch()
-    trainer = ort_training.OrtTrainer(folder, start, learning_rate=1e-2)
+    trainer = ort_trainer.OrtTrainer(folder, start, learning_rate=1e-2)
     ort_loss, n = trainer.step(batch)
     with torch.no_grad():
         loss_sum, count = summed_loss(model, batch)
@@ -166,7 +166,7 @@ def test_ort_step_matches_pytorch_step(ort_export: tuple[PeftModel, Path]) -> No
 def test_ort_steps_lower_loss_and_touch_only_lora_b(ort_export: tuple[PeftModel, Path]) -> None:
     model, folder = ort_export
     start = get_adapter(model)
-    trainer = ort_training.OrtTrainer(folder, start, learning_rate=1e-2)
+    trainer = ort_trainer.OrtTrainer(folder, start, learning_rate=1e-2)
     trainable = {n for n, p in trainer.state.parameters if p.requires_grad}
     assert trainable and all(".lora_B." in n for n in trainable)
     batch = _batch()
@@ -184,7 +184,7 @@ def test_ort_steps_lower_loss_and_touch_only_lora_b(ort_export: tuple[PeftModel,
 def test_benchmark_step_reports_both_engines(ort_export: tuple[PeftModel, Path]) -> None:
     model, folder = ort_export
     start = get_adapter(model)
-    result = ort_training.benchmark_step(model, _batch(), folder, learning_rate=1e-3, repeats=1)
+    result = ort_trainer.benchmark_step(model, _batch(), folder, learning_rate=1e-3, repeats=1)
     assert result.ort_seconds > 0 and result.torch_seconds > 0 and result.label_tokens == 30 + 30 + 20
     assert result.ort_loss == pytest.approx(result.torch_loss, rel=1e-5)
     assert all(torch.equal(v, get_adapter(model)[k]) for k, v in start.items())  # adapter restored
