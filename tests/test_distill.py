@@ -215,3 +215,14 @@ def test_sequence_level_with_a_different_tokenizer(tmp_path: Path) -> None:
     _run(_cfg(tmp_path, "seq2", student="tiny", loss="seq", max_new_tokens=6, steps=2), teacher=teacher,
          on_teacher_call=lambda: calls.append(1))  # fmt: skip
     assert calls == []
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    from edgetune.cli import main
+
+    common = ["distill", "--teacher", "tiny", "--data", str(_data(tmp_path)), "--cache-dir", str(tmp_path / "c")]
+    assert main([*common, "--student", "prune:0,7", "--out", str(tmp_path / "a")]) == 2  # no layer 7
+    assert main([*common, "--loss", "kl", "--out", str(tmp_path / "b")]) == 2
+    ok = ["--student", "prune:0", "--steps", "1", "--max-length", "128", "--out", str(tmp_path / "ok")]
+    assert main([*common, *ok]) == 0
+    assert (tmp_path / "ok" / "model.safetensors").is_file()

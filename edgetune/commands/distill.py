@@ -38,8 +38,10 @@ _FIELD_FLAGS = {  # flag -> (type, help); defaults come from DistillConfig
     "checkpoint_every": (int, "checkpoint every N steps"),
     "generate": (str, "seq: greedy or sample teacher answers"),
     "max_new_tokens": (int, "seq: longest teacher answer in tokens"),
-    "cache_dir": (Path, "teacher cache root (default: ~/.cache/edgetune/distill)"),
+    "cache_dir": (Path, "teacher cache root"),
 }
+
+_UNSET_DEFAULTS = {"cache_dir": "~/.cache/edgetune/distill"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (kind, text) in _FIELD_FLAGS.items():
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=kind, metavar="X",
-            help=f"{text} (default: {getattr(defaults, name)})",
+            help=f"{text} (default: {getattr(defaults, name) or _UNSET_DEFAULTS.get(name, 0)})",
         )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.set_defaults(handler=_cmd_distill)
