@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ from edge_export.errors import ExportError
 
 if TYPE_CHECKING:
     import onnxruntime
+
+    from edge_export.pipeline import ExportOptions, Stage
 
 __all__ = [
     "FORMAT",
@@ -195,7 +197,7 @@ class OnnxRunner:
         return seq[len(ids) :]
 
 
-def reject_unsupported(name: str, opts: Any) -> None:
+def reject_unsupported(name: str, opts: ExportOptions) -> None:
     """The ONNX formats export fp32 weights only.
 
     Raises:
@@ -203,7 +205,7 @@ def reject_unsupported(name: str, opts: Any) -> None:
     """
     if opts.quantize != "none":
         raise ExportError(f"--quantize {opts.quantize} is not supported by --format {name}; use --format pte for it")
-    if getattr(opts, "float_type", "f32") != "f32":
+    if opts.float_type != "f32":
         raise ExportError(f"--float-type {opts.float_type} is not supported by --format {name} (fp32 only)")
 
 
@@ -220,7 +222,7 @@ class OnnxFormat:
 
     name = "onnx"
 
-    def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, opts: Any, stage: Any) -> Path:
+    def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, opts: ExportOptions, stage: Stage) -> Path:
         """Write ``opts.out / model.onnx`` (and the tokenizer beside it); return its path.
 
         Raises:
@@ -240,7 +242,7 @@ class OnnxFormat:
                 tokenizer.save_pretrained(out)
         return out / MODEL_FILE
 
-    def check_options(self, opts: Any) -> None:
+    def check_options(self, opts: ExportOptions) -> None:
         """Reject quantisation and fp16 before the model loads (see :func:`reject_unsupported`)."""
         reject_unsupported(self.name, opts)
 

@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from edge_export.onnx_export import (
     export_graph,
     reject_unsupported,
 )
+
+if TYPE_CHECKING:
+    from edge_export.pipeline import ExportOptions, Stage
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -247,7 +250,7 @@ class OrtTrainingFormat:
     name = "ort-training"
     keeps_adapter = True
 
-    def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, opts: Any, stage: Any) -> Path:
+    def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, opts: ExportOptions, stage: Stage) -> Path:
         """Write the artefact folder ``opts.out / ort-training`` and return it.
 
         Raises:
@@ -289,7 +292,7 @@ class OrtTrainingFormat:
             param.requires_grad = ".lora_B." in name  # the federation's default: A frozen from the seed
         return peft_model.eval()
 
-    def check_options(self, opts: Any) -> None:
+    def check_options(self, opts: ExportOptions) -> None:
         """Reject quantisation and fp16 before the model loads (ORT trains in fp32)."""
         reject_unsupported(self.name, opts)
 

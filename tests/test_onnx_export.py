@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,11 @@ from client.ort_engine import ORT, select_engine
 from client.train import summed_loss
 from edge_export import onnx_export, ort_trainer, ort_training
 from edge_export.errors import ExportError
+from edge_export.pipeline import ExportOptions
 from edgetune import models, wire
 from edgetune.config import LoraConfig, from_flat
 
 PROMPTS = ("What is the capital of France?", "Tell me a joke about robots.")
-
-
-@dataclass(frozen=True)
-class _Options:
-    """The fields of ``edge_export.pipeline.ExportOptions`` the ONNX formats read."""
-
-    out: Path
-    quantize: str = "none"
 
 
 @contextlib.contextmanager
@@ -90,7 +82,7 @@ def test_onnx_export_loads_back_with_full_top1_parity(tmp_path: Path) -> None:
     tokenizer = models.tiny_tokenizer()
     model = models.tiny_llama(len(tokenizer))
     model.set_attn_implementation("eager")
-    artefact = onnx_export.FORMAT.export(model, tokenizer, _Options(tmp_path), _stage)
+    artefact = onnx_export.FORMAT.export(model, tokenizer, ExportOptions(out=tmp_path), _stage)
     assert artefact == tmp_path / onnx_export.MODEL_FILE and (tmp_path / "tokenizer.json").is_file()
     _assert_parity(onnx_export.FORMAT.load(artefact), model, tokenizer)
 
@@ -115,7 +107,9 @@ def test_onnx_formats_reject_quantisation(tmp_path: Path) -> None:
     tokenizer = models.tiny_tokenizer()
     for fmt in (onnx_export.FORMAT, ort_training.FORMAT):
         with pytest.raises(ExportError, match="--quantize 8bit"):
-            fmt.export(models.tiny_llama(len(tokenizer)), tokenizer, _Options(tmp_path, "8bit"), _stage)
+            fmt.export(
+                models.tiny_llama(len(tokenizer)), tokenizer, ExportOptions(out=tmp_path, quantize="8bit"), _stage
+            )
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +123,7 @@ def ort_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[PeftModel, Pat
     save_adapter(out / "adapter", get_adapter(_random_lora(lora)), lora, None)
     tokenizer = models.tiny_tokenizer()
     model = ort_training.FORMAT.attach_adapter(models.tiny_llama(len(tokenizer)), out / "adapter")
-    folder = ort_training.FORMAT.export(model, tokenizer, _Options(out), _stage)
+    folder = ort_training.FORMAT.export(model, tokenizer, ExportOptions(out=out), _stage)
     return model, folder
 
 
