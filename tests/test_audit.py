@@ -242,35 +242,44 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def _png_is_blank(data: bytes) -> bool:
-    """True when every decoded scanline byte is identical (a one-colour image)."""
+    """True for a (near) one-colour image: its decoded scanlines hold only a few byte values
+    (a white 1200x1600 page: 4; a rendered report: all 256)."""
     pos, idat = 8, b""
     while pos < len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         if kind == b"IDAT":
             idat += data[pos + 8 : pos + 8 + length]
         pos += 12 + length
-    return len(set(zlib.decompress(idat)[1:2000:7])) <= 2
+    return len(set(zlib.decompress(idat))) < 32
 
 
 @pytest.fixture(scope="module")
 def audit_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One tiny audit simulation (DP off, canaries repeated many times) and its report."""
+    """One tiny audit simulation (DP off, exact fp32 exchange, one device whose 40 short
+    conversations sit beside 2 canaries x 20 copies) and its report with the empirical tests."""
     from simulations.simulate import simulate
 
-    run = tmp_path_factory.mktemp("audit") / "run"
+    root = tmp_path_factory.mktemp("audit")
+    data = root / "device.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"What is {i} plus {i}?", "response": f"{2 * i}."}) + "\n" for i in range(40))
+    )
+    run = root / "run"
     flat = {
         "run-dir": str(run),
         "seed": 3,
         "model.base": "tiny",
         "lora.rank": 4,
+        "data.source": str(data),
         "data.max-length": 128,
-        "train.local-steps": 8,
+        "train.local-steps": 40,
         "train.batch-size": 8,
-        "train.learning-rate": 1e-2,
-        "federation.rounds": 3,
-        "federation.num-devices": 2,
-        "audit.canaries": 4,
-        "audit.canary-repeats": 30,
+        "train.learning-rate": 5e-2,
+        "federation.rounds": 2,
+        "federation.num-devices": 1,
+        "federation.codec": "fp32",
+        "audit.canaries": 2,
+        "audit.canary-repeats": 20,
     }
     simulate(from_flat(flat))
     report = build_report(run, empirical=True, references=64, max_examples=40, reps=200)
@@ -284,9 +293,9 @@ def test_tiny_audit_run_detects_memorised_canaries(audit_run: dict) -> None:
     canaries = report["empirical"]["canaries"]["summary"]
     assert canaries["planted_mean"] > canaries["unplanted_mean"] + 2, canaries
     assert canaries["memorisation_detected"]
-    assert report["uplinks"]["verdict"] == ALLOWED_VERDICT and report["uplinks"]["replies"] == 2 * 3 + 2 * 4
+    assert report["uplinks"]["verdict"] == ALLOWED_VERDICT and report["uplinks"]["replies"] == 2 + 3  # train + evaluate
     membership = report["empirical"]["membership"]
-    assert membership["loss"]["members"] >= 10 and 0.0 <= membership["calibrated"]["auc"] <= 1.0
+    assert membership["loss"]["members"] >= 20 and 0.0 <= membership["calibrated"]["auc"] <= 1.0
     assert not report["guarantee"]["enabled"]
 
 

@@ -155,7 +155,7 @@ def render_html(report: dict[str, Any]) -> str:
     """The whole page as one string."""
     body = (
         f"<h1>Privacy audit</h1><p>Run <code>{escape(report['run'])}</code>, base model "
-        f"{escape(str(report['base_model']))}, {report['devices']} devices.</p>"
+        f"{escape(str(report['base_model']))}, {report['devices']} device(s).</p>"
         + _summary(report)
         + _guarantee(report["guarantee"])
         + _uplinks(report["uplinks"])

@@ -174,7 +174,7 @@ def summarise(report: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append(
-            f"Uplinks: all {up['replies']} replies from {len(up['devices'])} devices carried only adapter "
+            f"Uplinks: all {up['replies']} replies from {len(up['devices'])} device(s) carried only adapter "
             f"deltas ({len(up['tensor_names'])} tensor parts) and numeric metrics, {up['bytes']:,} bytes in all."
         )
     for sentence in (
