@@ -314,3 +314,20 @@ def test_report_renders_in_headless_chromium(audit_run: dict, tmp_path: Path) ->
     data = shot.read_bytes()
     assert _png_size(data) == (1200, 1600)
     assert not _png_is_blank(data)
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def test_audit_command_writes_the_report_and_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from edgetune.cli import main
+
+    _fake_run(tmp_path / "run", dp=True)
+    assert main(["audit", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / wire.REPORT_HTML).is_file() and (tmp_path / "out" / wire.REPORT_JSON).is_file()
+    assert "Guarantee: (" in capsys.readouterr().out
+    assert main(["audit", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path / "run"), "--set", "dp.enabled=true"]) == 2
+    assert main(["audit", str(tmp_path / "run"), "--control"]) == 2
+    assert "needs --launch" in capsys.readouterr().err
