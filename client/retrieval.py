@@ -24,9 +24,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgetune.config import RunConfig
 
-from .data import Example, Messages, pack, tokenize_conversation
+from .data import IGNORE_INDEX, Example, Messages, pack, tokenize_conversation
 from .examples import TokenizedDevice, device_conversations
-from .rag import RagIndex, RagIndexError
+from .rag import Hit, RagIndex, RagIndexError
 
 __all__ = [
     "CONTEXT_HEADER",
@@ -149,18 +149,23 @@ def _augmented(
     exclude = [answer_source(i) if own_answers else None for i in range(len(conv.train))]
     exclude += [None] * (len(planted) + len(heldout))
     hits = rag.search(questions, cfg.rag.top_k, exclude)
-
-    def encode(items: list[Messages], found: list[list]) -> list[Example]:
-        examples = []
-        for messages, item_hits in zip(items, found, strict=True):
-            texts = [h.chunk.text for h in item_hits]
-            augmented = fit_context(tokenizer, messages, texts, cfg.data.max_length, cfg.rag.max_context_tokens)
-            examples.append(tokenize_conversation(tokenizer, augmented, cfg.data.max_length))
-        examples = [e for e in examples if any(label != -100 for label in e["labels"])]
-        return pack(examples, cfg.data.max_length) if cfg.data.packing else examples
-
     n = len(train)
-    return TokenizedDevice(conv.name, encode(train, hits[:n]), encode(heldout, hits[n:]))
+    return TokenizedDevice(
+        conv.name, _encode(tokenizer, train, hits[:n], cfg), _encode(tokenizer, heldout, hits[n:], cfg)
+    )
+
+
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, items: list[Messages], found: list[list[Hit]], cfg: RunConfig
+) -> list[Example]:
+    """Conversations with their retrieved context, tokenized as ``tokenized_device`` does."""
+    examples = []
+    for messages, hits in zip(items, found, strict=True):
+        texts = [h.chunk.text for h in hits]
+        augmented = fit_context(tokenizer, messages, texts, cfg.data.max_length, cfg.rag.max_context_tokens)
+        examples.append(tokenize_conversation(tokenizer, augmented, cfg.data.max_length))
+    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
+    return pack(examples, cfg.data.max_length) if cfg.data.packing else examples
 
 
 def _planted(canary_file: str, index: int) -> list[Messages]:
