@@ -230,8 +230,9 @@ def main() -> None:
     for label, n, r in (("held-out sentence", len(queries), held), ("'What is <title>?'", len(titles), title)):
         print(f"{label:<26}{n:>4}{r['recall@1']:>10.3f}{r['recall@5']:>10.3f}{r['mrr@10']:>8.3f}")
     print(
-        f"index: {cost['chunks']} chunks ({embedded} embedded now, {build_s:.1f} s); median query {cost['median_query_ms']:.1f} ms "
-        f"(embed + search); search alone at 10k chunks {cost['median_search_ms_10k']:.2f} ms; memory per 10k "
+        f"index: {cost['chunks']} chunks ({embedded} embedded now, {build_s:.1f} s); "
+        f"median query {cost['median_query_ms']:.1f} ms (embed + search); "
+        f"search alone at 10k chunks {cost['median_search_ms_10k']:.2f} ms; memory per 10k "
         f"chunks: faiss {cost['faiss_mb_per_10k']:.1f} MB + chunk text {cost['chunk_text_mb_per_10k']:.1f} MB"
     )
     result: dict[str, object] = {
