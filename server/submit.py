@@ -1,0 +1,244 @@
+"""``edgetune run``: submit the federation to a running ``edgetune server`` and follow it to the end.
+
+Stages of :func:`submit_and_follow`:
+    1. build the Flower App Bundle (FAB) in memory: this project's packages, plus a
+       ``pyproject.toml`` whose ``[tool.flwr.app.config]`` is the *whole* resolved run config
+       (so every ``--set`` key reaches the ServerApp, and the bundle says exactly what ran)
+    2. start the run over the SuperLink's Control API (what ``flwr run`` does, without its
+       detached local SuperLink and its exit code 0 on failure)
+    3. follow it: one line per finished round from the run folder's ``metrics.jsonl``
+       (held-out loss, bytes up/down, replies), until ``status.json`` says how it ended
+    4. if the server goes away mid-run, wait for it; when it is back, submit the same
+       bundle again: the ServerApp resumes from the run folder's last checkpoint
+       (server/federation.py), and the devices reconnect by themselves
+
+Ctrl-C stops the run on the server (rerun the same command to continue it later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune import wire
+from edgetune.config import RunConfig, to_flat
+from edgetune.processes import forward_signals
+
+from .superlink import control_client
+
+__all__ = ["FollowOptions", "RunOutcome", "build_fab", "submit_and_follow"]
+
+# The packages the ServerApp and ClientApp import (pyproject's [tool.setuptools.packages.find]).
+APP_PACKAGES = ("edgetune", "adapters", "client", "server", "edge_export", "simulations")
+
+
+def _package_files(name: str) -> dict[str, Path]:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not importable here; is edgetune installed?")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return {
+        f"{name}/{p.relative_to(root).as_posix()}": p
+        for p in sorted(root.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
+
+
+def _pyproject(cfg: RunConfig) -> bytes:
+    import tomli_w
+
+    deps = [r for r in importlib.metadata.requires("edgetune") or [] if "extra ==" not in r]
+    doc = {
+        "project": {"name": "edgetune", "version": importlib.metadata.version("edgetune"), "dependencies": deps},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "edgetune",
+                    "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                    "config": to_flat(cfg),
+                }
+            }
+        },
+    }
+    return tomli_w.dumps(doc).encode()
+
+
+def build_fab(cfg: RunConfig) -> bytes:
+    """The FAB for ``cfg``: this project's Python packages and a pyproject carrying the full config."""
+    from flwr.cli.build import build_fab_from_files
+
+    files: dict[str, bytes | Path] = {}
+    for name in APP_PACKAGES:
+        files.update(_package_files(name))
+    files["pyproject.toml"] = _pyproject(cfg)
+    return build_fab_from_files(files)[0]
+
+
+@dataclass(frozen=True)
+class FollowOptions:
+    """Where the server's Control API is, and how patient to be."""
+
+    control_address: str
+    ca_cert: Path | None  # None: plain text
+    poll: float = 1.0
+    server_wait: float = 900.0  # how long to wait for a server that went away
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How the run ended: ``completed`` / ``failed`` / ``stopped``, with the reason."""
+
+    status: str
+    detail: str = ""
+    run_ids: tuple[int, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+
+def _start(client, fab: bytes) -> int:
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    fab_proto = fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {}))
+    res = client.StartRun(StartRunRequest(fab=fab_proto, override_config=user_config_to_proto({})))
+    if not res.HasField("run_id"):
+        raise RuntimeError("the server did not start the run")
+    return int(res.run_id)
+
+
+def _flower_status(client, run_id: int) -> str:
+    """'pending', 'running', 'finished:completed', 'finished:failed', ... ('unknown' if not listed)."""
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    runs = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict
+    if not runs:
+        return "unknown"
+    status = run_from_proto(next(iter(runs.values()))).status
+    return f"{status.status}:{status.sub_status}" if status.sub_status else status.status
+
+
+def _stop(client, run_id: int) -> None:
+    from flwr.proto.control_pb2 import StopRunRequest
+
+    try:
+        client.StopRun(StopRunRequest(run_id=run_id))
+    except Exception:  # noqa: BLE001 - the run may have ended or be unknown to a restarted server
+        pass
+
+
+def _run_status(run_dir: Path) -> dict:
+    path = run_dir / wire.STATUS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class _Rounds:
+    """New lines of ``metrics.jsonl``, each handed to ``on_round`` once."""
+
+    def __init__(self, run_dir: Path, on_round: Callable[[dict], None]) -> None:
+        self.path, self.on_round, self.seen = run_dir / wire.METRICS_FILE, on_round, set()
+
+    def poll(self) -> None:
+        try:
+            lines = self.path.read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line being written
+                continue
+            if row["round"] not in self.seen:
+                self.seen.add(row["round"])
+                self.on_round(row)
+
+
+def _connect_when_back(opts: FollowOptions, stopping, say):
+    """A Control API client once the server answers again (None if it did not within ``server_wait``)."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    say(f"the server at {opts.control_address} does not answer; waiting up to {opts.server_wait:.0f}s for it")
+    deadline = time.monotonic() + opts.server_wait
+    while time.monotonic() < deadline and not stopping():
+        client = control_client(opts.control_address, opts.ca_cert)
+        try:
+            client.ListRuns(ListRunsRequest(limit=1))
+            return client
+        except Exception:  # noqa: BLE001 - still down
+            client.close()
+            time.sleep(opts.poll)
+    return None
+
+
+def submit_and_follow(cfg: RunConfig, opts: FollowOptions, on_round: Callable[[dict], None], say=print) -> RunOutcome:
+    """Submit ``cfg`` to the server and follow it until it ends; resubmit after a server restart.
+
+    ``cfg.run_dir`` must be an absolute path on the server machine; progress is read from
+    it, so follow from the server machine (the Control API listens on 127.0.0.1 by default).
+    """
+    run_dir = Path(cfg.run_dir)
+    fab = build_fab(cfg)
+    status_file = run_dir / wire.STATUS_FILE
+    if status_file.is_file():
+        status_file.unlink()  # the ServerApp writes a fresh one; an old "completed" must not end this follow
+    stopping = {"yes": False}
+    client = control_client(opts.control_address, opts.ca_cert)
+    try:
+        run_ids = [_start(client, fab)]
+    except Exception as err:  # noqa: BLE001 - not up yet (or a wrong address: the wait below says so)
+        import httpx
+
+        if not isinstance(err, httpx.TransportError):
+            raise
+        client.close()
+        client = _connect_when_back(opts, lambda: stopping["yes"], say)
+        if client is None:
+            return RunOutcome("failed", f"no server answered at {opts.control_address}")
+        run_ids = [_start(client, fab)]
+    say(f"submitted run {run_ids[-1]} ({len(fab) / 1024:.0f} KiB bundle); run folder {run_dir}")
+    rounds = _Rounds(run_dir, on_round)
+
+    def outcome(status: str, detail: str = "") -> RunOutcome:
+        return RunOutcome(status, detail, tuple(run_ids))
+
+    with forward_signals(lambda _s: stopping.update(yes=True)):
+        while True:
+            rounds.poll()
+            saved = _run_status(run_dir)
+            if saved.get("status") in ("completed", "failed"):
+                rounds.poll()
+                return outcome(saved["status"], saved.get("error", ""))
+            if stopping["yes"]:
+                _stop(client, run_ids[-1])
+                return outcome("stopped", "stopped by the user; run the same command again to continue")
+            try:
+                flower = _flower_status(client, run_ids[-1])
+            except Exception:  # noqa: BLE001 - the server is unreachable: it may be restarting
+                client.close()
+                back = _connect_when_back(opts, lambda: stopping["yes"], say)
+                if back is None:
+                    return outcome("failed", f"the server at {opts.control_address} did not come back")
+                client = back
+                _stop(client, run_ids[-1])
+                run_ids.append(_start(client, fab))
+                say(f"server is back: resubmitted as run {run_ids[-1]}; it resumes from the last completed round")
+                continue
+            if flower.startswith("finished"):
+                time.sleep(opts.poll)  # let the ServerApp's last status write land
+                saved = _run_status(run_dir)
+                if saved.get("status") in ("completed", "failed"):
+                    continue
+                return outcome("failed", f"the ServerApp ended ({flower}) without a status; see the server's log")
+            time.sleep(opts.poll)
