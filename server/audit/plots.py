@@ -38,9 +38,13 @@ def _rounds_plot(guarantee: dict[str, Any], key: str, ylabel: str, title: str) -
     points = [(r, v) for r, v in zip(per["round"], per[key], strict=True) if v is not None]
     if not points:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = _figure()
     ax.plot(*zip(*points, strict=True), "o-")
     ax.set(xlabel="round", ylabel=ylabel, title=title)
+    ax.set_ylim(bottom=0, top=1.05 if key == "clipped_fraction" else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     return _png(fig)
 

@@ -157,8 +157,9 @@ def summarise(report: dict[str, Any]) -> list[str]:
     lines = ["Protected: each device's own conversations. They never leave it; devices send model updates."]
     if g["enabled"]:
         lines.append(
-            f"Guarantee: ({g['epsilon']:.3g}, {g['delta']:.3g})-differential privacy at the user level "
-            f"({g['relation']}) after {g['rounds']} rounds; {g['accountant'].upper()} accountant, {g['sampling']} "
+            f"Guarantee: ({g['epsilon'] if g['epsilon'] is not None else g['epsilon_rederived']:.3g}, "
+            f"{g['delta']:.3g})-differential privacy, "
+            f"{g['relation']}, after {g['rounds']} rounds; {g['accountant'].upper()} accountant, {g['sampling']} "
             f"sampling q={g['sampling_probability']:.3g}, noise multiplier z={g['noise_multiplier']:g}, "
             f"clip norm C={g['clip_norm']:g}."
             + ("" if g["epsilon_matches"] else f" Re-derived here: {g['epsilon_rederived']:.3g} (does not match!).")
