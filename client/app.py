@@ -23,9 +23,10 @@ from edgetune.config import RunConfig, from_flat
 
 from .device import Downlink, eval_round, sync_global, train_round
 from .examples import TokenizedDevice, canary_file_for, tokenized_device
-from .retrieval import rag_tokenized_device
 from .ort_engine import select_engine
+from .retrieval import rag_tokenized_device
 from .storage import DeviceStorage
+from .supernode import run_state_dir
 from .train import device_model
 
 __all__ = ["app"]
@@ -68,7 +69,10 @@ def _open_round(msg: Message, context: Context) -> _Round:
     cfg = from_flat(json.loads(str(config[wire.RUN_CONFIG_JSON])))
     node = context.node_config
     device_id = str(node.get(wire.DEVICE_ID) or f"sim-{node.get(wire.PARTITION_ID, context.node_id)}")
-    storage = DeviceStorage(Path(str(node.get(wire.STORAGE_DIR) or Path(str(config[wire.DEVICE_ROOT])) / device_id)))
+    storage_dir = node.get(wire.STORAGE_DIR)
+    device_dir = Path(str(storage_dir)) if storage_dir else Path(str(config[wire.DEVICE_ROOT])) / device_id
+    # A real device serves run after run: each run's adapter state in a folder of its own.
+    storage = DeviceStorage(run_state_dir(device_dir, cfg) if storage_dir else device_dir)
     model, tokenizer = device_model(cfg.model.base, cfg.lora)
     data = tokenized_device(
         cfg.data,
@@ -84,7 +88,7 @@ def _open_round(msg: Message, context: Context) -> _Round:
             cfg,
             str(node.get(wire.DATA_PATH, "")),
             int(node.get(wire.PARTITION_ID, 0)),
-            storage.root,
+            device_dir,
             tokenizer,
             canary_file_for(cfg, str(config[wire.DEVICE_ROOT])),
         )

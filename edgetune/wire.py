@@ -73,4 +73,14 @@ RAG_MANIFEST_FILE = "manifest.json"
 RAG_CHUNKS_PREFIX = "chunks-"  # chunks-<generation>.jsonl: one chunk per line, row order
 RAG_EMBEDDINGS_PREFIX = "embeddings-"  # embeddings-<generation>.npy: (N, 384) float32, unit rows
 
+# Real devices (edgetune server / device join / run). The server's state folder holds the
+# TLS folder, Flower's SuperLink database (registered device keys, runs) and its log.
+SERVER_TLS_DIR = "tls"
+SUPERLINK_DB_FILE = "superlink.db"
+SUPERLINK_LOG_FILE = "superlink.log"
+SUPERNODE_LOG_FILE = "supernode.log"  # in the device's storage folder
+DEVICE_RUNS_DIR = "runs"  # <device storage>/runs/<run key>/: one run's held adapter and residual
+DEVICE_PRIVATE_KEY_SUFFIX = ".key"  # OpenSSH EC P-384 private key, mode 0600
+DEVICE_PUBLIC_KEY_SUFFIX = ".pub"  # OpenSSH public key: the file the server registers
+
 __all__ = [k for k in dir() if k.isupper()]
