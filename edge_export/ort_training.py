@@ -7,8 +7,9 @@ Stages (inside the pipeline's export / lower / serialise)::
     lower      ``onnxruntime.training.artifacts.generate_artifacts``: gradient graph for the
                trainable LoRA tensors only (B by default, A and B with lora.train-a), the eval
                graph, an AdamW optimizer graph and the parameter checkpoint
-    serialise  those four files, plus ``inference_model.onnx`` (logits, for generation and the
-               parity check) and the tokenizer, in one folder
+    serialise  those four files, plus ``inference_model.onnx`` (the KV-cache decoder graph of
+               ``onnx_export``, adapter unmerged, for generation and the parity check) and
+               the tokenizer, in one folder
 
 The loss is exactly the device's PyTorch loss (``client.train.summed_loss`` divided by the
 label-token count, computed in the graph): next-token cross-entropy over positions whose label
@@ -44,11 +45,11 @@ from transformers import PreTrainedTokenizerBase
 
 from edge_export.errors import ExportError
 from edge_export.onnx_export import (
-    LogitsGraph,
     OnnxRunner,
     check_graph,
-    export_graph,
+    export_decoder,
     reject_unsupported,
+    trace,
 )
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ CHECKPOINT_FILE = "checkpoint"
 INFERENCE_FILE = "inference_model.onnx"
 MANIFEST_FILE = "artifacts.json"
 INPUTS = ("input_ids", "attention_mask", "labels")
-LOGITS_INPUTS = ("input_ids", "attention_mask")
+_DYNAMIC = {name: {0: "batch", 1: "sequence"} for name in INPUTS}
 ADAMW_EPS = 1e-8
 """torch.optim.AdamW's default epsilon (ORT's AdamW block defaults to 1e-6)."""
 
@@ -100,6 +101,16 @@ class LossGraph(nn.Module):
         loss_sum, _ = summed_loss(self.model, batch)
         count = (labels[:, 1:] != -100).sum().clamp(min=1)
         return loss_sum / count
+
+
+def _example_batch() -> tuple[Tensor, Tensor, Tensor]:
+    """A (2, 12) right-padded batch with unlabelled prompt positions (the trace's example)."""
+    ids = torch.arange(24, dtype=torch.long).reshape(2, 12) % 200 + 1
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :4] = -100
+    return ids, mask, labels
 
 
 def peft_name(onnx_name: str) -> str:
@@ -170,7 +181,7 @@ def trace_training_graph(model: PeftModel, path: Path) -> list[str]:
     if not trainable or not all(".lora_" in n for n in trainable):
         raise ExportError(f"ort-training needs trainable LoRA tensors only; found {trainable[:3] or 'none'}")
     with _eager_attention(model.get_base_model()), torch.enable_grad():
-        export_graph(LossGraph(model), path, INPUTS, ("loss",), training=True)
+        trace(LossGraph(model), _example_batch(), path, list(INPUTS), ["loss"], _DYNAMIC, training=True)
     return trainable
 
 
@@ -263,7 +274,7 @@ class OrtTrainingFormat:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         with stage("export"), _eager_attention(peft_model.get_base_model()):
-            export_graph(LogitsGraph(peft_model), staging / INFERENCE_FILE, LOGITS_INPUTS, ("logits",), training=False)
+            export_decoder(peft_model, staging / INFERENCE_FILE)
         with stage("lower"):
             build_artifacts(peft_model, staging)
             check_graph(staging / INFERENCE_FILE)

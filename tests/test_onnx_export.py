@@ -87,20 +87,25 @@ def test_onnx_export_loads_back_with_full_top1_parity(tmp_path: Path) -> None:
     _assert_parity(onnx_export.FORMAT.load(artefact), model, tokenizer)
 
 
-def test_onnx_graph_takes_any_batch_and_length(tmp_path: Path) -> None:
-    """The traced graph has dynamic axes: other shapes, and right padding, match eager."""
+def test_decoder_graph_batches_padding_and_cache_chunks(tmp_path: Path) -> None:
+    """Dynamic axes: a right-padded batch of 3 with an empty cache, and a 4-token chunk after
+    a 10-token cache, both match eager logits."""
     tokenizer = models.tiny_tokenizer()
     model = models.tiny_llama(len(tokenizer))
-    path = onnx_export.export_graph(
-        onnx_export.LogitsGraph(model), tmp_path / "m.onnx", onnx_export.INPUTS, ("logits",), training=False
-    )
-    session = onnx_export.inference_session(path)
+    model.set_attn_implementation("eager")
+    runner = onnx_export.OnnxRunner(onnx_export.export_decoder(model, tmp_path / "m.onnx"))
     batch = _batch()
-    feeds = {k: batch[k].numpy() for k in onnx_export.INPUTS}
+    empty = {i.name: np.zeros((3, i.shape[1], 0, i.shape[3]), np.float32) for i in runner.past}
+    feeds = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy(), **empty}
     with torch.no_grad():
         eager = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()
     real = batch["attention_mask"].bool().numpy()
-    assert np.abs(session.run(["logits"], feeds)[0][real] - eager[real]).max() < 1e-4
+    assert np.abs(runner.session.run(["logits"], feeds)[0][real] - eager[real]).max() < 1e-4
+
+    ids = batch["input_ids"][0, :14].tolist()
+    _, cache = runner.run(ids[:10], None, 10)
+    chunk, _ = runner.run(ids[10:], cache, 14)
+    assert np.abs(chunk - eager[0, 10:14]).max() < 1e-4
 
 
 def test_onnx_formats_reject_quantisation(tmp_path: Path) -> None:
