@@ -5,7 +5,8 @@ Stages (opened through the pipeline's ``stage``):
     export     transformers' ``TorchExportableModuleForDecoderOnlyLM`` wraps the merged model
                with a static KV cache of ``max_seq_len`` positions; ``torch.export`` (strict)
                captures ``forward(input_ids (1, T), cache_position (T,)) -> logits (1, T, V)``
-               with T dynamic in [1, max_seq_len - 1], so one method does prefill and decode.
+               with T dynamic in [1, max_seq_len - 1], so one method does prefill and decode
+               (Core ML and QNN: T = 1, as their compilers need static shapes).
                Optional weight quantisation (torchao) is applied just before capture.
     lower      ``to_edge_transform_and_lower`` with the backend's partitioner, ``to_executorch``.
     serialise  ``model.pte`` plus ``model.json`` (backend, quantisation, cache length).
@@ -46,6 +47,8 @@ BACKENDS = {
     "coreml": "Apple Core ML (Neural Engine); lowers here, runs only on macOS/iOS",
     "qnn": "Qualcomm AI Engine Direct (Hexagon NPU); needs the QNN SDK in QNN_SDK_ROOT",
 }
+STATIC_SHAPE_BACKENDS = ("coreml", "qnn")
+"""Backends exported with one token per call (their compilers reject the dynamic prefill)."""
 QUANT_GROUP_SIZE = 32
 _META_SUFFIX = ".json"
 _COREML_RUNTIME = "CoreMLBackend"
@@ -96,8 +99,13 @@ def _quantize(model: LlamaForCausalLM, quantize: str) -> None:
     quantize_(model, config)
 
 
-def _capture(model: LlamaForCausalLM, max_seq_len: int) -> torch.export.ExportedProgram:
-    """Strict ``torch.export`` of the static-KV-cache decoder with a dynamic token count."""
+def _capture(model: LlamaForCausalLM, max_seq_len: int, dynamic: bool) -> torch.export.ExportedProgram:
+    """Strict ``torch.export`` of the static-KV-cache decoder.
+
+    ``dynamic``: T (tokens per call) in [1, max_seq_len - 1], so prefill is one call; else
+    T = 1 (decode-only; the runner feeds a prompt token by token), which is what NPU
+    compilers that need static shapes accept.
+    """
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     eager_config = model.generation_config
@@ -111,13 +119,14 @@ def _capture(model: LlamaForCausalLM, max_seq_len: int) -> torch.export.Exported
         wrapped = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=max_seq_len)
     finally:  # the eager reference keeps generating with its own settings
         model.generation_config = eager_config
+    length = 2 if dynamic else 1
     tokens = torch.export.Dim("tokens", min=1, max=max_seq_len - 1)
-    example_ids = torch.zeros((1, 2), dtype=torch.long)  # (1, T)
+    shapes = {"input_ids": {1: tokens}, "cache_position": {0: tokens}} if dynamic else None
     try:
         return wrapped.export(
-            input_ids=example_ids,
-            cache_position=torch.arange(2),
-            dynamic_shapes={"input_ids": {1: tokens}, "cache_position": {0: tokens}},
+            input_ids=torch.zeros((1, length), dtype=torch.long),  # (1, T)
+            cache_position=torch.arange(length),  # (T,)
+            dynamic_shapes=shapes,
             strict=True,
         )
     except Exception as err:  # torch.export raises many types; the reason is what matters
@@ -206,7 +215,7 @@ class PteFormat:
             if opts.quantize != "none":
                 model = _clone(model)
                 _quantize(model, opts.quantize)
-            program = _capture(model, opts.max_seq_len)
+            program = _capture(model, opts.max_seq_len, dynamic=opts.backend not in STATIC_SHAPE_BACKENDS)
         with stage("lower"):
             buffer = _lower(program, opts.backend)
         with stage("serialise"):
@@ -253,14 +262,22 @@ class PteRunner:
                 + ", ".join(runtime.backend_registry.registered_backend_names)
             )
         self._forward = runtime.load_program(artefact).load_method("forward")
-        limit = self._forward.metadata.input_tensor_meta(0).sizes()[1]
-        self.max_seq_len: int = meta.get("max_seq_len", limit + 1)
+        self._chunk: int = self._forward.metadata.input_tensor_meta(0).sizes()[1]  # most tokens per call
+        self.max_seq_len: int = meta.get("max_seq_len", self._chunk + 1)
 
     def _run(self, ids: list[int], start: int) -> torch.Tensor:
-        """Feed ``ids`` at cache positions ``start..``; returns logits (len(ids), V)."""
-        input_ids = torch.tensor([ids], dtype=torch.long)  # (1, T)
-        positions = torch.arange(start, start + len(ids), dtype=torch.long)  # (T,)
-        return self._forward.execute([input_ids, positions])[0][0]
+        """Feed ``ids`` at cache positions ``start..``, in calls of at most ``_chunk`` tokens.
+
+        Returns:
+            Logits (len(ids), V).
+        """
+        logits = []
+        for offset in range(0, len(ids), self._chunk):
+            piece = ids[offset : offset + self._chunk]
+            input_ids = torch.tensor([piece], dtype=torch.long)  # (1, T)
+            positions = torch.arange(start + offset, start + offset + len(piece), dtype=torch.long)  # (T,)
+            logits.append(self._forward.execute([input_ids, positions])[0][0])
+        return torch.cat(logits)
 
     def _check_length(self, total: int) -> None:
         if total > self.max_seq_len - 1:

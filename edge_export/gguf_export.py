@@ -147,6 +147,8 @@ def _tokenizer(writer: object, tokenizer: PreTrainedTokenizerBase, vocab_size: i
     writer.add_token_types(fields["types"])
     if fields["merges"]:
         writer.add_token_merges(fields["merges"])
+    else:  # an empty array reads back as absent; transformers then derives merges from scores
+        writer.add_token_scores([0.0] * len(fields["tokens"]))
     for name, token_id in (
         ("bos", tokenizer.bos_token_id),
         ("eos", tokenizer.eos_token_id),
