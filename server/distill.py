@@ -82,9 +82,10 @@ def load_conversations(data: str, holdout_every: int = 10) -> tuple[list[Message
     conversations = load_jsonl(data)
     if len(conversations) < 2:
         raise ConfigError(f"--data {data}: needs at least 2 conversations (one is held out), got {len(conversations)}")
-    held = [c for i, c in enumerate(conversations) if i % holdout_every == holdout_every - 1] or conversations[-1:]
-    train = [c for c in conversations if all(c is not h for h in held)]
-    return train, held
+    n = len(conversations)
+    held_ids = {i for i in range(n) if i % holdout_every == holdout_every - 1} or {n - 1}
+    train = [c for i, c in enumerate(conversations) if i not in held_ids]
+    return train, [conversations[i] for i in sorted(held_ids)]
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[Messages], max_length: int) -> list[Example]:

@@ -65,14 +65,10 @@ def parameter_count(model: torch.nn.Module) -> int:
 def evaluate_before(cfg: DistillConfig, teacher: Loaded, student: Loaded, held: HeldOut) -> dict[str, float]:
     """Held-out loss of the teacher and of the untrained student."""
     print(f"distill: held-out loss of teacher and student before training ({len(held['student'])} conversations)")
-    return {
-        "teacher_heldout_loss": heldout_loss(
-            teacher[0], held["teacher"], pad_id(teacher[1]), cfg.batch_size, cfg.precision
-        ),
-        "student_heldout_loss_before": heldout_loss(
-            student[0], held["student"], pad_id(student[1]), cfg.batch_size, cfg.precision
-        ),
-    }
+    teacher_loss = heldout_loss(teacher[0], held["teacher"], pad_id(teacher[1]), cfg.batch_size, cfg.precision)
+    student_loss = heldout_loss(student[0], held["student"], pad_id(student[1]), cfg.batch_size, cfg.precision)
+    print(f"distill: held-out loss teacher {teacher_loss:.4f}, student before {student_loss:.4f}")
+    return {"teacher_heldout_loss": teacher_loss, "student_heldout_loss_before": student_loss}
 
 
 def evaluate_after(cfg: DistillConfig, teacher: Loaded, student: Loaded, held: HeldOut) -> dict[str, float]:

@@ -118,6 +118,7 @@ def prune_layers(teacher: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
         if new_name is not None:
             renamed[new_name] = tensor
     student.load_state_dict(renamed, strict=True)  # copies, so the student shares no storage
+    student.generation_config = copy.deepcopy(teacher.generation_config)
     for j, layer in enumerate(decoder_layers(student)):
         if hasattr(layer, "self_attn"):
             layer.self_attn.layer_idx = j
