@@ -211,6 +211,7 @@ class PteFormat:
         """Capture, lower and write ``<out>/model.pte`` (+ ``model.json``); returns the .pte path."""
         _check_options(opts)
         _check_model(model, opts)
+        opts.out.mkdir(parents=True, exist_ok=True)
         with stage("export"):
             if opts.quantize != "none":
                 model = _clone(model)

@@ -223,6 +223,7 @@ class GgufFormat:
 
         _check_options(opts)
         _check_architecture(model)
+        opts.out.mkdir(parents=True, exist_ok=True)
         artefact = opts.out / "model.gguf"
         writer = gguf.GGUFWriter(artefact, "llama")
         with stage("export"):

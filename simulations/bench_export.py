@@ -12,7 +12,7 @@ teacher-forced position of prompt + eager greedy continuation, max |logit diff|,
 ``generate`` tokens/s of the artefact vs eager PyTorch ``generate`` on the same prompts and
 the same number of new tokens, timed in the same run). The ORT row times one AdamW step on
 the same batch with ONNX Runtime training artifacts and with PyTorch (fp32), from
-:func:`edge_export.ort_training.benchmark_step`. Ends with one JSON line, also written to
+:func:`edge_export.ort_trainer.benchmark_step`. Ends with one JSON line, also written to
 ``<out>/result.json``.
 """
 
@@ -49,12 +49,12 @@ def _export_and_check(
 
 
 def _ort_step(base: str, adapter: Path | None, out: Path, batch_size: int) -> dict[str, Any]:
-    """ORT training step vs PyTorch step on one batch of device data (export-B's benchmark_step)."""
+    """ORT training step vs PyTorch step on one batch of device data (export-B's ``benchmark_step``)."""
     from adapters.lora import attach_lora, set_adapter
     from adapters.peft_io import load_adapter
     from client.data import iterate_batches
     from client.examples import tokenized_device
-    from edge_export import ort_training
+    from edge_export import ort_trainer, ort_training
     from edgetune.config import DataConfig, LoraConfig
     from edgetune.models import load_base
 
@@ -67,7 +67,7 @@ def _ort_step(base: str, adapter: Path | None, out: Path, batch_size: int) -> di
     start = time.perf_counter()
     folder = ort_training.build_artifacts(peft_model, out / "ort-training")
     build_s = time.perf_counter() - start
-    step = ort_training.benchmark_step(peft_model, batch, folder, learning_rate=1e-3)
+    step = ort_trainer.benchmark_step(peft_model, batch, folder, learning_rate=1e-3)
     row = {
         "ort_build_seconds": round(build_s, 1),
         "ort_step_seconds": round(step.ort_seconds, 3),
