@@ -127,19 +127,19 @@ class _Watcher:
 
     def __call__(self, raw: str) -> None:
         line = _ANSI.sub("", raw)
-        if self.opts.verbose:
-            self.say(f"[supernode] {line}")
         if _REFUSED.search(line):
             self.refused.set()
-        elif m := _ROUND.search(line):
+        if m := _ROUND.search(line):
             self.round = m.group(2)
+        if self.opts.verbose:
+            self.say(f"[supernode] {line}")
         elif m := _RECEIVING.search(line):
             self.say(f"round {self.round}: {m.group(1)}")
         elif m := _NODE_ID.search(line):
             self.say(f"connected to the server as node {m.group(1)}")
         elif "Connection successful" in line:
             self.say("reconnected to the server")
-        elif not self.opts.verbose and line.startswith(("ERROR", "CRITICAL")):
+        elif line.startswith(("ERROR", "CRITICAL")) and not self.refused.is_set():
             self.say(f"[supernode] {line}")
 
 

@@ -165,6 +165,13 @@ class _Rounds:
                 self.on_round(row)
 
 
+def _is_outage(err: Exception) -> bool:
+    """A network failure worth waiting out (not a certificate the CA does not vouch for)."""
+    import httpx
+
+    return isinstance(err, httpx.TransportError) and "CERTIFICATE_VERIFY_FAILED" not in str(err)
+
+
 def _connect_when_back(opts: FollowOptions, stopping, say):
     """A Control API client once the server answers again (None if it did not within ``server_wait``)."""
     from flwr.proto.control_pb2 import ListRunsRequest
@@ -176,8 +183,10 @@ def _connect_when_back(opts: FollowOptions, stopping, say):
         try:
             client.ListRuns(ListRunsRequest(limit=1))
             return client
-        except Exception:  # noqa: BLE001 - still down
+        except Exception as err:  # noqa: BLE001 - still down, unless it is not an outage
             client.close()
+            if not _is_outage(err):
+                raise
             time.sleep(opts.poll)
     return None
 
@@ -198,9 +207,7 @@ def submit_and_follow(cfg: RunConfig, opts: FollowOptions, on_round: Callable[[d
     try:
         run_ids = [_start(client, fab)]
     except Exception as err:  # noqa: BLE001 - not up yet (or a wrong address: the wait below says so)
-        import httpx
-
-        if not isinstance(err, httpx.TransportError):
+        if not _is_outage(err):
             raise
         client.close()
         client = _connect_when_back(opts, lambda: stopping["yes"], say)
@@ -225,7 +232,9 @@ def submit_and_follow(cfg: RunConfig, opts: FollowOptions, on_round: Callable[[d
                 return outcome("stopped", "stopped by the user; run the same command again to continue")
             try:
                 flower = _flower_status(client, run_ids[-1])
-            except Exception:  # noqa: BLE001 - the server is unreachable: it may be restarting
+            except Exception as err:  # noqa: BLE001 - the server is unreachable: it may be restarting
+                if not _is_outage(err):
+                    raise
                 client.close()
                 back = _connect_when_back(opts, lambda: stopping["yes"], say)
                 if back is None:
@@ -234,6 +243,10 @@ def submit_and_follow(cfg: RunConfig, opts: FollowOptions, on_round: Callable[[d
                 _stop(client, run_ids[-1])
                 run_ids.append(_start(client, fab))
                 say(f"server is back: resubmitted as run {run_ids[-1]}; it resumes from the last completed round")
+                continue
+            if flower == "unknown":  # a server that lost its database: submit again, the run folder resumes
+                run_ids.append(_start(client, fab))
+                say(f"the server no longer knows the run: resubmitted as run {run_ids[-1]}")
                 continue
             if flower.startswith("finished"):
                 time.sleep(opts.poll)  # let the ServerApp's last status write land
