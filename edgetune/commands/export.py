@@ -92,9 +92,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.parity_tokens < 1:
         print(f"edgetune export: --parity-tokens {args.parity_tokens}: must be >= 1", file=sys.stderr)
         return 2
+    backend = f"backend {args.backend}, " if args.format == "pte" else ""
     print(
         f"edgetune export: {args.base}" + (f" + {args.adapter}" if args.adapter else "") + f" -> {args.format}"
-        f" (backend {args.backend}, quantize {args.quantize}, max-seq-len {args.max_seq_len}) in {args.out}",
+        f" ({backend}quantize {args.quantize}, max-seq-len {args.max_seq_len}) in {args.out}",
         flush=True,
     )
     try:
