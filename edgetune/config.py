@@ -194,8 +194,10 @@ class DpConfig:
 
     enabled: bool = False
     """Turn DP on (off: plain FedAvg weighted by example counts)."""
-    clip_norm: float = 0.1
-    """C: L2 bound on each device's whole delta (all exchanged tensors together)."""
+    clip_norm: float = 10.0
+    """C: L2 bound on each device's whole delta (all exchanged tensors together). The default
+    sits at the measured norm of a decoded 1-bit SmolLM2 delta after one round of the default
+    training (9.4-11.0 on four devices); it scales with local steps and learning rate."""
     noise_multiplier: float = 1.0
     """z: the noise on the sum has standard deviation z * C per coordinate."""
     clip_on: str = "server"
