@@ -188,12 +188,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                 str(fed.ca),
             ),
         )
-        rogue.wait(timeout=STEP_TIMEOUT)
         sets = [a for k, v in RUN_SETTINGS.items() for a in ("--set", f"{k}={v}")]
         fed.run = _cli(
             *("run", "--server", fed.control, "--ca", str(fed.ca), "--run-dir", str(root / "run")),
             *("--devices", "2", "--rounds", "2", *sets),
         )
+        rogue.wait(timeout=STEP_TIMEOUT)  # refused while the run went on
         yield fed
     finally:
         for proc in fed.procs.values():
