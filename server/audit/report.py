@@ -21,7 +21,7 @@ from server.uplinks import ALLOWED_VERDICT, read_uplinks
 from .guarantee import describe_guarantee
 from .html import render_html
 
-__all__ = ["AuditError", "build_report", "summarise", "write_report"]
+__all__ = ["AuditError", "build_report", "describe_uplinks", "summarise", "write_report"]
 
 
 class AuditError(RuntimeError):
