@@ -38,10 +38,13 @@ class OrtTrainer:
     """One training session over a set of artefacts: fresh AdamW state, given starting adapter.
 
     Args:
-        folder: a folder written by :func:`build_artifacts`.
-        start: the adapter to start from (PEFT names -> tensors); every checkpoint LoRA tensor
-            whose name appears is overwritten, others keep their exported value.
+        folder: a folder written by ``edge_export.ort_training.build_artifacts``.
+        start: the whole adapter to start from (PEFT names -> tensors), A and B.
         learning_rate: AdamW learning rate.
+
+    Raises:
+        ValueError: ``start`` and the checkpoint do not hold the same LoRA tensors (artefacts
+            built for another LoRA config or base model).
     """
 
     def __init__(self, folder: Path, start: dict[str, Tensor], learning_rate: float) -> None:
@@ -51,10 +54,12 @@ class OrtTrainer:
         self.lora_names = {peft_name(n): n for n, _ in self.state.parameters if ".lora_" in n}
         options = session_options()
         self.module = Module(str(folder / TRAINING_FILE), self.state, str(folder / EVAL_FILE), "cpu", options)
+        differ = sorted(set(start) ^ set(self.lora_names))
+        if differ:
+            raise ValueError(f"adapter and training checkpoint in {folder} differ, e.g. in {differ[0]}")
         # Parameters can only be written once a Module owns the state (ORT 1.19 crashes before).
         for name, onnx_name in self.lora_names.items():
-            if name in start:
-                self.state.parameters[onnx_name] = start[name].detach().float().contiguous().numpy()
+            self.state.parameters[onnx_name] = start[name].detach().float().contiguous().numpy()
         self.optimizer = Optimizer(str(folder / OPTIMIZER_FILE), self.module)
         self.optimizer.set_learning_rate(learning_rate)
 

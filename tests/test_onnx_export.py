@@ -202,3 +202,11 @@ def test_select_engine_node_config_then_ort_devices_then_default() -> None:
     assert select_engine(from_flat({"train.engine": ORT}), {}) == ORT
     with pytest.raises(ValueError, match="train-engine='tensorflow'"):
         select_engine(cfg, {wire.TRAIN_ENGINE: "tensorflow"})
+
+
+def test_trainer_rejects_an_adapter_of_another_shape(ort_export: tuple[PeftModel, Path]) -> None:
+    model, folder = ort_export
+    start = get_adapter(model)
+    extra = {**start, "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(128, 4)}
+    with pytest.raises(ValueError, match=r"layers\.9\.mlp\.up_proj"):
+        ort_trainer.OrtTrainer(folder, extra, learning_rate=1e-3)
