@@ -255,7 +255,7 @@ def test_dp_run_crashes_and_resumes_with_the_same_epsilon(tmp_path: Path, server
 
 @pytest.mark.e2e
 def test_under_quorum_rounds_are_skipped_and_the_budget_stops_the_run(tmp_path: Path, server_identity: None) -> None:
-    probe = _dp_config(tmp_path / "probe", rounds=2, min_replies=3)
+    probe = _dp_config(tmp_path / "probe", rounds=2, min_replies=3, clip_on="device")
     eps = _expected_epsilons(probe, 2)
     cfg = dataclasses.replace(probe, dp=dataclasses.replace(probe.dp, max_epsilon=(eps[1] + eps[2]) / 2))
     cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"))
@@ -271,6 +271,8 @@ def test_under_quorum_rounds_are_skipped_and_the_budget_stops_the_run(tmp_path: 
     assert skipped["dp_skipped"] == "2 valid replies < dp.min-replies 3"
     assert skipped["version"] == 0 and skipped["replies"] == 2 and skipped["dp_noise_std"] is None
     assert skipped["dp_epsilon"] == eps[1]  # a skipped round still counts
+    assert skipped["dp_clipped_fraction"] == 0.0  # the devices clipped what they sent to below C
+    assert summary_table(rows).splitlines()[-1].endswith(f"{eps[1]:.3f}*")  # marked skipped
     held = load_adapter(Path(cfg.run_dir) / wire.ADAPTER_DIR)
     assert all(torch.equal(held[k], initial[k]) for k in initial)  # global unchanged
     ckpt = latest_checkpoint(Path(cfg.run_dir))
