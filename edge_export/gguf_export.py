@@ -122,17 +122,14 @@ def tokenizer_fields(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> dic
         raise ExportError(f"gguf: tokenizer model {state['model']['type']!r} is not supported (byte-level BPE only)")
     id_to_token = {i: t for t, i in tokenizer.get_vocab().items()}
     special = set(tokenizer.all_special_tokens)
-    added = tokenizer.get_added_vocab()
+    added = {i: t.special or t.content in special for i, t in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []
     for i in range(vocab_size):
-        token = id_to_token.get(i, f"[PAD{i}]")
-        tokens.append(token)
+        tokens.append(id_to_token.get(i, f"[PAD{i}]"))
         if i not in id_to_token:
             types.append(gguf.TokenType.UNUSED)
-        elif token in special:
-            types.append(gguf.TokenType.CONTROL)
-        elif token in added:
-            types.append(gguf.TokenType.USER_DEFINED)
+        elif i in added:  # added tokens: special ones are control tokens, as llama.cpp marks them
+            types.append(gguf.TokenType.CONTROL if added[i] else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"].get("merges", [])]

@@ -221,3 +221,24 @@ def test_adapter_that_does_not_fit_is_rejected(tmp_path: Path) -> None:
 def test_cli_lists_the_exporters_backends_and_formats() -> None:
     assert list(export_command._BACKENDS) == list(executorch_export.BACKENDS)
     assert set(export_command._FORMATS) == set(formats())
+
+
+@pytest.mark.slow  # reads SmolLM2's tokenizer and its source GGUF (~10 s)
+def test_smollm2_tokenizer_fields_match_the_source_gguf() -> None:
+    from gguf import GGUFReader
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(models.resolve_base("smollm2"))
+        reader = GGUFReader(models.embedded_gguf())
+    except models.ModelError as err:
+        pytest.skip(f"embedded SmolLM2 not installed: {err}")
+    fields = gguf_export.tokenizer_fields(tokenizer, 49152)
+
+    def values(key: str) -> list:
+        field = reader.fields[key]
+        return [field.parts[i] for i in field.data]
+
+    assert fields["tokens"] == [bytes(v).decode() for v in values("tokenizer.ggml.tokens")]
+    assert fields["merges"] == [bytes(v).decode() for v in values("tokenizer.ggml.merges")]
+    assert [int(t) for t in fields["types"]] == [int(v[0]) for v in values("tokenizer.ggml.token_type")]
+    assert fields["pre"] == "smollm"
