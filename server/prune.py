@@ -30,7 +30,7 @@ class PruneError(ValueError):
 def _evenly_spaced(n_layers: int, count: int) -> list[int]:
     """``count`` layer ids spread evenly over ``0 .. n_layers - 1``, first and last included.
 
-    Example: ``_evenly_spaced(30, 15) == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 29]``.
+    Example: ``_evenly_spaced(30, 15) == [0, 2, 4, 6, 8, 10, 12, 14, 17, 19, 21, 23, 25, 27, 29]``.
     """
     if count == 1:
         return [0]
