@@ -3,7 +3,7 @@
     OrtTrainer      load a folder from ``edge_export.ort_training.build_artifacts``, start
                     from a given adapter with a fresh AdamW, step, read the adapter back
     benchmark_step  one batch, the same start: ORT steps vs the device's PyTorch steps
-                    (time and loss); for the export benchmark and ``docs/export-onnx.md``
+                    (time and loss); for the export benchmark and ``docs/export.md``
 
 ORT runs fp32 on CPU; the PyTorch side can use bf16 autocast as the device path does.
 """
