@@ -4,8 +4,8 @@ Method (the same for every format, on :data:`PROMPTS`, each chat-templated with 
 generation prompt):
 
 1. Eager PyTorch greedily generates ``new_tokens`` tokens after the prompt (HF ``generate``,
-   EOS suppressed so every run makes exactly ``new_tokens``). Call the result S = prompt +
-   continuation.
+   plain argmax at every step: no stop at EOS and no EOS suppression, like the runners).
+   Call the result S = prompt + continuation.
 2. Teacher-forced agreement: the artefact's runner and the eager model both score S; at
    every position t (prompt and continuation alike) we compare their top-1 next token and
    their logits. ``top1_agreement`` = matching positions / all positions, over all prompts;
@@ -24,6 +24,7 @@ The report is a flat JSON dict (``parity.json`` next to the artefact).
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -87,14 +88,17 @@ class EagerRunner:
 
     @torch.no_grad()
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        """Exactly ``max_new_tokens`` greedy ids with HF ``generate`` (its default dynamic KV cache)."""
+        """Exactly ``max_new_tokens`` greedy ids with HF ``generate`` (its default dynamic KV cache).
+
+        Plain argmax at every step, EOS included: no EOS stop and no EOS suppression, so the
+        tokens are the ones an exported runner's greedy loop produces.
+        """
+        config = copy.deepcopy(self.model.generation_config)
+        config.update(eos_token_id=[], do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=None)
+        if config.pad_token_id is None:
+            config.pad_token_id = 0  # never used: batch 1, no padding; silences generate's warning
         out = self.model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=self.model.config.eos_token_id or 0,
+            torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long), generation_config=config
         )
         return out[0, len(ids) :].tolist()
 

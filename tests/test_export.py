@@ -242,3 +242,13 @@ def test_smollm2_tokenizer_fields_match_the_source_gguf() -> None:
     assert fields["merges"] == [bytes(v).decode() for v in values("tokenizer.ggml.merges")]
     assert [int(t) for t in fields["types"]] == [int(v[0]) for v in values("tokenizer.ggml.token_type")]
     assert fields["pre"] == "smollm"
+
+
+def test_eager_generate_is_plain_argmax_through_eos() -> None:
+    model = models.tiny_llama(259)
+    ids = [5, 6, 7, 8]
+    sequence = list(ids)
+    for _ in range(6):
+        sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+    model.generation_config.eos_token_id = sequence[len(ids)]  # the first greedy token is "EOS"
+    assert parity.EagerRunner(model).generate(ids, 6) == sequence[len(ids) :]
