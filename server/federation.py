@@ -16,6 +16,7 @@ round's metrics line if the crash came before it), then goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,7 +33,7 @@ from adapters.delta import lora_product_error
 from adapters.lora import adapter_shapes
 from adapters.peft_io import atomic_write_text, save_adapter
 from edgetune import wire
-from edgetune.config import RunConfig, dumps, to_flat
+from edgetune.config import ConfigError, RunConfig, dumps, from_flat, to_flat
 from edgetune.models import model_skeleton, resolve_base
 
 from .accounting import RoundEvent, epsilon, next_event
@@ -280,6 +281,8 @@ def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     if not (saved.is_file() and (run_dir / wire.CHECKPOINT_DIR).is_dir()):
         return
     old, new = json.loads(saved.read_text()), to_flat(cfg)
+    with contextlib.suppress(ConfigError):  # a folder from an older edgetune: its missing keys took the defaults
+        old = to_flat(from_flat(old))
     free = {"federation.rounds", "run-dir", "federation.reply-timeout", "dp.max-epsilon"}
     changed = sorted(k for k in old.keys() | new.keys() if k not in free and old.get(k) != new.get(k))
     if changed:

@@ -3,15 +3,17 @@ newest round wins."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig
-from edgetune.wire import CHECKPOINT_DIR, UPDATES_DIR
+from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig, to_flat
+from edgetune.wire import CHECKPOINT_DIR, CONFIG_FILE, UPDATES_DIR
 from server.checkpoint import latest_checkpoint, save_checkpoint, save_update
+from server.federation import FederationError, _check_resumable
 from server.strategy import DeltaFedAvg, ServerState
 
 
@@ -116,3 +118,22 @@ def test_missing_update_raises(tmp_path: Path, tiny_shapes) -> None:
     save_checkpoint(tmp_path, 1, fed.state)  # the update file was never written
     with pytest.raises(FileNotFoundError, match="v0001"):
         latest_checkpoint(tmp_path)
+
+
+def _saved_run(tmp_path: Path, flat: dict) -> Path:
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(flat))
+    return tmp_path
+
+
+def test_resume_accepts_a_folder_from_before_new_config_sections(tmp_path: Path) -> None:
+    cfg = RunConfig(run_dir=str(tmp_path))
+    older = {k: v for k, v in to_flat(cfg).items() if not k.startswith("rag.")}  # written before rag.* existed
+    _check_resumable(_saved_run(tmp_path, older), cfg)
+
+
+def test_resume_refuses_changed_settings_naming_them(tmp_path: Path) -> None:
+    cfg = RunConfig(run_dir=str(tmp_path))
+    changed = {**to_flat(cfg), "lora.rank": 4}
+    with pytest.raises(FederationError, match="lora.rank"):
+        _check_resumable(_saved_run(tmp_path, changed), cfg)
