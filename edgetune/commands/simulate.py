@@ -81,6 +81,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return from_flat(flat)
 
 
+def _extras(cfg: RunConfig) -> str:
+    """The optional features a run has on, for its first line."""
+    parts = []
+    if cfg.dp.enabled:
+        parts.append(f"user-level DP (z={cfg.dp.noise_multiplier:g}, C={cfg.dp.clip_norm:g}, delta={cfg.dp.delta:g})")
+    if cfg.rag.enabled:
+        parts.append(f"RAG top-{cfg.rag.top_k} over {cfg.rag.documents}")
+    return "".join(f", {p}" for p in parts)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from server.metrics import plot_run, read_metrics, summary_table
     from simulations.simulate import SimulationError, simulate
@@ -93,7 +103,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     f = cfg.federation
     print(
         f"edgetune simulate: {f.num_devices} devices ({f.sampled}/round), {f.rounds} round{'s' * (f.rounds != 1)}, "
-        f"base={cfg.model.base}, codec={f.codec}, run folder {run_dir}",
+        f"base={cfg.model.base}, codec={f.codec}{_extras(cfg)}, run folder {run_dir}",
         flush=True,
     )
     try:
@@ -103,6 +113,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 1
     rows = read_metrics(run_dir)
     print(summary_table(rows))
+    stopped = json.loads((run_dir / wire.STATUS_FILE).read_text()).get("reason")
+    if stopped:  # the DP budget ended the run early
+        print(f"edgetune: stopped early: {stopped}")
     plots = plot_run(run_dir)
     first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
     print(
