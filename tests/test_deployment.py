@@ -8,7 +8,7 @@ settings, and every process the test started (and every process those started) i
 
 Ports are picked free at run time; ``FLWR_HOME`` points into the test's folder. Flower
 starts a fresh Python process for every message a device handles, so each round costs a few
-process starts plus a Ray start for the simulation: 304 s measured here at a load average
+process starts plus a Ray start for the simulation: 175-304 s measured here at a load average
 of 6-8 (the machine was shared).
 """
 
