@@ -49,6 +49,7 @@ class JoinOptions:
     private_key: Path | None
     ca_cert: Path | None
     runtime_port: int = 0  # Flower's local per-node HTTP API; 0: a free port
+    train_engine: str = ""  # "" : the run's train.engine; else pytorch | onnxruntime for this device
     verbose: bool = False
     retry_wait: float = 5.0
 
@@ -87,6 +88,7 @@ def node_config(opts: JoinOptions) -> str:
             _toml_string(wire.DATA_PATH, str(opts.data_path.resolve())),
             _toml_string(wire.STORAGE_DIR, str(opts.storage_dir.resolve())),
             _toml_string(wire.DEVICE_ID, opts.device_id),
+            *([_toml_string(wire.TRAIN_ENGINE, opts.train_engine)] if opts.train_engine else []),
         ]
     )
 

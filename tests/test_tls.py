@@ -117,6 +117,8 @@ def test_supernode_command_and_node_config(tmp_path: Path) -> None:
         9999,
     )
     cfg = node_config(opts)
+    assert "train-engine" not in cfg  # the run's train.engine decides
+    assert "train-engine='onnxruntime'" in node_config(dataclasses.replace(opts, train_engine="onnxruntime"))
     assert f"data-path='{(tmp_path / 'my data.jsonl').resolve()}'" in cfg
     assert "device-id='phone 1'" in cfg
     from flwr.common.config import parse_config_args

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from edgetune import wire
-from edgetune.config import CODECS, ConfigError, RunConfig, from_flat, to_flat
+from edgetune.config import CODECS, ENGINES, ConfigError, RunConfig, from_flat, to_flat
 
 __all__ = ["register"]
 
@@ -198,6 +198,12 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="connect without TLS and without a key (only to a server started with --insecure-plaintext)",
     )
+    j.add_argument(
+        "--train-engine",
+        choices=ENGINES,
+        help="train this device with PyTorch or ONNX Runtime (fp32, artefacts built once in --storage); "
+        "default: the run's train.engine",
+    )
     j.add_argument("--verbose", action="store_true", help="print every SuperNode log line")
     j.set_defaults(handler=_cmd_join)
 
@@ -246,7 +252,17 @@ def _cmd_join(args: argparse.Namespace) -> int:
             print(f"edgetune: --ca {ca}: no such file (copy STATE/tls/ca.pem from the server)", file=sys.stderr)
             return 2
     device_id = args.device_id or (key.name.removesuffix(wire.DEVICE_PRIVATE_KEY_SUFFIX) if key else "device")
-    opts = JoinOptions(args.server, data, Path(args.storage), device_id, key, ca, args.runtime_port, args.verbose)
+    opts = JoinOptions(
+        args.server,
+        data,
+        Path(args.storage),
+        device_id,
+        key,
+        ca,
+        runtime_port=args.runtime_port,
+        train_engine=args.train_engine or "",
+        verbose=args.verbose,
+    )
     return join(opts)
 
 
