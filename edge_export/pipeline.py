@@ -236,6 +236,8 @@ def run_export(
 ) -> ExportResult:
     """Run the whole pipeline: load, merge, export, lower, serialise, check parity.
 
+    A format with ``keeps_adapter`` (ort-training) gets the adapter attached, not merged.
+
     Args:
         base: model spec (see :func:`load_merged`).
         adapter: PEFT adapter folder or ``None``.
@@ -260,7 +262,11 @@ def run_export(
         check_options(opts)
     seconds: dict[str, float] = {}
     stage = stage_printer(seconds, print_fn)
-    model, tokenizer = load_merged(base, adapter, stage)
+    # ort-training keeps the adapter as LoRA tensors the device goes on training: attach, don't merge.
+    keeps_adapter = getattr(fmt, "keeps_adapter", False)
+    model, tokenizer = load_merged(base, None if keeps_adapter else adapter, stage)
+    if keeps_adapter:
+        model = fmt.attach_adapter(model, adapter)  # type: ignore[attr-defined]
     opts.out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         artefact = fmt.export(model, tokenizer, opts, stage)

@@ -210,3 +210,19 @@ def test_trainer_rejects_an_adapter_of_another_shape(ort_export: tuple[PeftModel
     extra = {**start, "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(128, 4)}
     with pytest.raises(ValueError, match=r"layers\.9\.mlp\.up_proj"):
         ort_trainer.OrtTrainer(folder, extra, learning_rate=1e-3)
+
+
+def test_pipeline_hands_ort_training_the_adapter_unmerged(tmp_path: Path) -> None:
+    """``edgetune export --format ort-training --adapter A``: the checkpoint starts from A's own B."""
+    from onnxruntime.training.api import CheckpointState
+
+    from edge_export.pipeline import run_export
+
+    lora = LoraConfig(rank=4)
+    adapter = get_adapter(_random_lora(lora))
+    save_adapter(tmp_path / "adapter", adapter, lora, None)
+    result = run_export("tiny", tmp_path / "adapter", "ort-training", ExportOptions(out=tmp_path), check_parity=False)
+    state = CheckpointState.load_checkpoint(str(result.artefact / ort_training.CHECKPOINT_FILE))
+    trained = {ort_training.peft_name(n): state.parameters[n].data for n, _ in state.parameters if ".lora_B." in n}
+    assert trained.keys() == {k for k in adapter if ".lora_B." in k}
+    assert all(np.array_equal(v, adapter[k].numpy()) for k, v in trained.items())
