@@ -40,8 +40,8 @@ __all__ = [
 CODECS = ("1bit", "fp16", "fp32")
 PARTITIONS = ("lang-topic", "iid", "dirichlet")
 PRECISIONS = ("bf16", "fp32")
-DP_CLIP_SITES = ("server", "device")
 ENGINES = ("pytorch", "onnxruntime")
+DP_CLIP_SITES = ("server", "device")
 DP_ACCOUNTANTS = ("rdp", "pld")
 DP_SAMPLINGS = ("poisson", "fixed")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -128,7 +128,6 @@ class TrainConfig:
     """AdamW learning rate for the adapter parameters."""
     precision: str = "bf16"
     """``bf16`` (CPU autocast, about 2x faster here) or ``fp32``."""
-
     engine: str = "pytorch"
     """What runs the local steps: ``pytorch`` or ``onnxruntime`` (ONNX Runtime training
     artefacts built once per device, always fp32). A SuperNode's ``train-engine`` node config
@@ -136,10 +135,11 @@ class TrainConfig:
     ort_devices: tuple[str, ...] = ()
     """Simulation only: partition ids (e.g. ``0,3``) that train with ``onnxruntime`` whatever
     ``engine`` says, so one run can mix engines."""
+
     def __post_init__(self) -> None:
-        _check(self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
         _check(self.engine in ENGINES, "train.engine", self.engine, f"one of {ENGINES}")
         _check(all(d.isdigit() for d in self.ort_devices), "train.ort-devices", self.ort_devices, "partition ids")
+        _check(self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
         _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
         _check(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "must be > 0")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {PRECISIONS}")
