@@ -1,6 +1,11 @@
-"""The ``edgetune`` command line: one sub-command per module in :mod:`edgetune.commands`.
+"""The ``edgetune`` command line: one module per job in :mod:`edgetune.commands`.
 
-edgetune simulate        federated simulation on this machine
+edgetune simulate                      federated simulation on this machine
+edgetune server | device | run         the same federation with real devices over gRPC
+edgetune rag build | ask               a device's own document index
+edgetune export                        .pte / ONNX / ONNX Runtime training / GGUF, with parity
+edgetune distill                       a small student base model from a teacher (cloud node)
+edgetune audit RUN                     privacy audit report of a run
 edgetune <command> --help
 
 Exit codes: 0 success, 1 the job failed, 2 bad input (config, path, flag).
@@ -10,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
 import sys
 
-from edgetune import commands
 from edgetune.config import ConfigError
 
 __all__ = ["main"]
+
+# In --help order. Each module's register() adds its parsers; heavy imports wait for the handler.
+_COMMANDS = ("simulate", "deploy", "rag", "export", "distill", "audit")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgetune", description="Federated on-device fine-tuning of small Llama models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    for name in _COMMANDS:
+        importlib.import_module(f"edgetune.commands.{name}").register(sub)
     return parser
 
 

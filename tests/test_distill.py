@@ -11,10 +11,10 @@ import torch
 
 from edgetune import models
 from edgetune.config import ConfigError
-from server.distill import DistillConfig, Loaded, distill, make_student, same_vocabulary
-from server.distill_loss import distill_loss, divergence, teacher_topk
-from server.model_card import render_model_card
-from server.prune import PruneError, parse_keep, prune_layers
+from server.distill.loss import distill_loss, divergence, teacher_topk
+from server.distill.model_card import render_model_card
+from server.distill.prune import PruneError, parse_keep, prune_layers
+from server.distill.run import DistillConfig, Loaded, distill, make_student, same_vocabulary
 from simulations.public_prompts import public_prompt_set, topic_chunks
 
 P = [0.5, 0.3, 0.2]

@@ -4,13 +4,13 @@ Stages of :func:`distill` (each prints a line; long ones show a tqdm bar):
 
 1. tokenize the train and held-out conversations with the student's tokenizer;
 2. measure the held-out loss of teacher and student before training;
-3. teacher pass, cached on disk (:mod:`server.distill_cache`): top-k logits when the two
+3. teacher pass, cached on disk (:mod:`server.distill.cache`): top-k logits when the two
    tokenizers are the same (token level), or the teacher's own answers to the prompts
    (sequence level, ``loss="seq"``; required when the vocabularies differ);
 4. train the student (AdamW, linear warm-up then cosine decay, bf16 autocast), with
-   atomic checkpoints every ``checkpoint_every`` steps (:mod:`server.distill_checkpoint`);
+   atomic checkpoints every ``checkpoint_every`` steps (:mod:`server.distill.checkpoint`);
 5. measure held-out loss and forward speed again, and write the student as a plain Hugging
-   Face folder with a model card (:mod:`server.model_card`) and ``distill.json``.
+   Face folder with a model card (:mod:`server.distill.model_card`) and ``distill.json``.
 
 Data order: step ``s`` of a run with ``n`` examples and batch ``B`` takes batch ``s mod
 ceil(n / B)`` of epoch ``s // ceil(n / B)``, where each epoch is a permutation drawn from
@@ -36,7 +36,7 @@ from client.train import autocast
 from edgetune.config import ConfigError
 from edgetune.models import cache_root
 
-from .distill_cache import (
+from .cache import (
     TeacherLogits,
     cache_key,
     label_logits,
@@ -44,10 +44,10 @@ from .distill_cache import (
     load_or_build_logits,
     model_fingerprint,
 )
-from .distill_checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from .distill_config import LOSSES, DistillConfig
-from .distill_eval import evaluate_after, evaluate_before, pad_id
-from .distill_loss import distill_loss
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import LOSSES, DistillConfig
+from .eval import evaluate_after, evaluate_before, pad_id
+from .loss import distill_loss
 from .model_card import write_student
 from .prune import decoder_layers, parse_keep, prune_layers
 

@@ -16,9 +16,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapters.peft_io import atomic_write_text
 
-from .distill_checkpoint import CHECKPOINTS_DIR
-from .distill_config import DistillConfig
-from .distill_eval import parameter_count
+from .checkpoint import CHECKPOINTS_DIR
+from .config import DistillConfig
+from .eval import parameter_count
 
 __all__ = ["SUMMARY_FILE", "render_model_card", "write_student"]
 

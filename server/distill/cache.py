@@ -30,7 +30,7 @@ from adapters.peft_io import atomic_save, atomic_write_text, load_tensors
 from client.data import IGNORE_INDEX, Example, Messages, collate, load_jsonl
 from client.train import autocast
 
-from .distill_loss import teacher_topk
+from .loss import teacher_topk
 
 __all__ = [
     "SHARD",

@@ -17,8 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from client.data import Example, collate
 from client.train import autocast
 
-from .distill_cache import label_logits
-from .distill_config import DistillConfig
+from .cache import label_logits
+from .config import DistillConfig
 
 __all__ = ["evaluate_after", "evaluate_before", "forward_speed", "heldout_loss", "pad_id", "parameter_count"]
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import KL_KINDS
+
 __all__ = ["KL_KINDS", "coarsen_student", "distill_loss", "divergence", "teacher_topk"]
 
-KL_KINDS = ("forward-kl", "reverse-kl", "skew-kl")
 
 _TINY = 1e-12  # floor for probabilities before a log, so an empty rest bucket stays finite
 

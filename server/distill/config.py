@@ -13,10 +13,9 @@ from pathlib import Path
 
 from edgetune.config import PRECISIONS, ConfigError
 
-from .distill_loss import KL_KINDS
+__all__ = ["KL_KINDS", "LOSSES", "DistillConfig"]
 
-__all__ = ["LOSSES", "DistillConfig"]
-
+KL_KINDS = ("forward-kl", "reverse-kl", "skew-kl")
 LOSSES = (*KL_KINDS, "seq")
 
 
@@ -29,7 +28,7 @@ class DistillConfig:
     teacher: str = "smollm2"
     """Teacher model spec as given (recorded in the model card)."""
     student: str = "prune:half"
-    """``prune:<layer spec>`` (see :mod:`server.prune`) or a model spec."""
+    """``prune:<layer spec>`` (see :mod:`server.distill.prune`) or a model spec."""
     data: str = "public"
     """``public`` (the cloud's pydoc prompt set) or a chat JSONL file."""
     train_limit: int = 0
