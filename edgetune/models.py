@@ -40,6 +40,7 @@ __all__ = [
     "cache_root",
     "load_base",
     "model_skeleton",
+    "offline_loading",
     "resolve_base",
     "tiny_llama",
     "tiny_tokenizer",
@@ -217,6 +218,14 @@ def load_base(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     with _quiet_progress():  # a cached safetensors load takes a second; its bar is noise
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def offline_loading() -> Iterator[None]:
+    """For any model load: hub offline switches on (it must never reach a hub), progress bars off."""
+    _go_offline()
+    with _quiet_progress():
+        yield
 
 
 @contextlib.contextmanager
