@@ -74,24 +74,12 @@ def _open_round(msg: Message, context: Context) -> _Round:
     # A real device serves run after run: each run's adapter state in a folder of its own.
     storage = DeviceStorage(run_state_dir(device_dir, cfg) if storage_dir else device_dir)
     model, tokenizer = device_model(cfg.model.base, cfg.lora)
-    data = tokenized_device(
-        cfg.data,
-        str(node.get(wire.DATA_PATH, "")),
-        int(node.get(wire.PARTITION_ID, 0)),
-        cfg.federation.num_devices,
-        cfg.seed,
-        tokenizer,
-        canary_file_for(cfg, str(config[wire.DEVICE_ROOT])),  # audit runs plant canaries
-    )
-    if cfg.rag.enabled:  # the same examples, each question with context from the device's own index
-        data = rag_tokenized_device(
-            cfg,
-            str(node.get(wire.DATA_PATH, "")),
-            int(node.get(wire.PARTITION_ID, 0)),
-            device_dir,
-            tokenizer,
-            canary_file_for(cfg, str(config[wire.DEVICE_ROOT])),
-        )
+    data_path, index = str(node.get(wire.DATA_PATH, "")), int(node.get(wire.PARTITION_ID, 0))
+    canaries = canary_file_for(cfg, str(config[wire.DEVICE_ROOT]))  # audit runs plant canaries
+    if cfg.rag.enabled:  # each question with context from the device's own index
+        data = rag_tokenized_device(cfg, data_path, index, device_dir, tokenizer, canaries)
+    else:
+        data = tokenized_device(cfg.data, data_path, index, cfg.federation.num_devices, cfg.seed, tokenizer, canaries)
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))
     return _Round(cfg, storage, model, tokenizer.pad_token_id, data, state, int(config[wire.ROUND]), version, device_id)
