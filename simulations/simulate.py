@@ -13,11 +13,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgetune import wire
 from edgetune.config import RunConfig
 
-__all__ = ["SimulationError", "simulate"]
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+__all__ = ["SimulationError", "run_apps", "simulate"]
 
 
 class SimulationError(RuntimeError):
@@ -31,19 +36,11 @@ class _DropDeprecationNotice(logging.Filter):
         return "run_simulation` function is deprecated" not in record.getMessage()
 
 
-def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
-    """Run (or resume) ``cfg`` in simulation; returns the run folder.
-
-    Raises:
-        SimulationError: the ServerApp failed or never reported completion.
-    """
+def run_apps(server_app: ServerApp, client_app: ClientApp, num_devices: int, verbose: bool = False) -> None:
+    """``run_simulation`` with edgetune's backend: one Ray actor owning all cores; Ray always shut down."""
     import ray
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import server_app_for
-
-    run_dir = Path(cfg.run_dir)
     # Ray's notice about a future default; keep today's behaviour and its console quiet.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cpus = os.cpu_count() or 1
@@ -51,23 +48,37 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
     }
-    error: BaseException | None = None
     notice = _DropDeprecationNotice()
     logging.getLogger("flwr").addFilter(notice)
     try:
         run_simulation(
-            server_app=server_app_for(cfg),
+            server_app=server_app,
             client_app=client_app,
-            num_supernodes=cfg.federation.num_devices,
+            num_supernodes=num_devices,
             backend_config=backend,  # type: ignore[arg-type]
             verbose_logging=verbose,
         )
-    except BaseException as err:  # noqa: BLE001 - reported below with the run's own status
-        error = err
     finally:
         logging.getLogger("flwr").removeFilter(notice)
         if ray.is_initialized():
             ray.shutdown()
+
+
+def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
+    """Run (or resume) ``cfg`` in simulation; returns the run folder.
+
+    Raises:
+        SimulationError: the ServerApp failed or never reported completion.
+    """
+    from client.app import app as client_app
+    from server.app import server_app_for
+
+    run_dir = Path(cfg.run_dir)
+    error: BaseException | None = None
+    try:
+        run_apps(server_app_for(cfg), client_app, cfg.federation.num_devices, verbose)
+    except BaseException as err:  # noqa: BLE001 - reported below with the run's own status
+        error = err
     status_path = run_dir / wire.STATUS_FILE
     status = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "missing"}
     if error is not None or status.get("status") != "completed":

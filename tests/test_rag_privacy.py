@@ -10,8 +10,6 @@ byte of it, and no array may have the embeddings' width.
 from __future__ import annotations
 
 import json
-import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfi
 from edgetune.models import model_skeleton
 from server.federation import run_federation
 from server.metrics import read_metrics
+from simulations.simulate import run_apps
 
 pytestmark = pytest.mark.e2e
 
@@ -85,25 +84,7 @@ def _config(tmp_path: Path) -> RunConfig:
 
 
 def _run(cfg: RunConfig, replies: list[Message], monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray
-    from flwr.simulation import run_simulation
-
-    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
-    }
-    try:
-        run_simulation(
-            server_app=_recording_server(cfg, replies),
-            client_app=client_app,
-            num_supernodes=NUM_DEVICES,
-            backend_config=backend,  # type: ignore[arg-type]
-        )
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    run_apps(_recording_server(cfg, replies), client_app, NUM_DEVICES)
 
 
 def _allowed_delta_keys(cfg: RunConfig) -> set[str]:

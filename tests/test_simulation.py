@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from edgetune.models import model_skeleton, tiny_llama, tiny_tokenizer
 from server.app import server_app_for
 from server.federation import run_federation
 from server.metrics import read_metrics
-from simulations.simulate import SimulationError, simulate
+from simulations.simulate import SimulationError, run_apps, simulate
 
 pytestmark = pytest.mark.e2e
 
@@ -63,20 +61,7 @@ def _config(run_dir: Path, rounds: int, **changes: object) -> RunConfig:
 
 def _run_simulation(server_app: ServerApp, app: ClientApp, monkeypatch: pytest.MonkeyPatch) -> None:
     """``run_simulation`` with the backend ``simulate`` uses; always shuts Ray down."""
-    import ray
-    from flwr.simulation import run_simulation
-
-    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
-    }
-    try:
-        run_simulation(server_app=server_app, client_app=app, num_supernodes=NUM_DEVICES, backend_config=backend)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
+    run_apps(server_app, app, NUM_DEVICES)
 
 
 def _status(cfg: RunConfig) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""The ``edgetune`` sub-commands, one module each.
+"""The ``edgetune`` sub-commands, one module each (listed in order in ``edgetune.cli``).
 
-Every module here (listed in order in ``edgetune.cli``) defines ``register(sub)``, which adds its parser(s) to the ``edgetune``
+Every module here defines ``register(sub)``, which adds its parser(s) to the ``edgetune``
 sub-parsers and sets ``handler`` (a function from the parsed arguments to an exit code).
 """

@@ -16,22 +16,18 @@ import sys
 from pathlib import Path
 
 from edgetune import wire
-from edgetune.config import CODECS, ENGINES, ConfigError, RunConfig, from_flat, to_flat
+from edgetune.commands.simulate import SIMULATE_FLAGS
+from edgetune.config import ENGINES, ConfigError, RunConfig, from_flat, to_flat
 
 __all__ = ["register"]
 
 DEFAULT_STATE = Path("~/.edgetune/server")
 DEFAULT_CONTROL = "127.0.0.1:9093"
 
-# edgetune run flag -> flat config key
+# edgetune run flag -> flat config key: simulate's flags that make sense for real devices
 _RUN_FLAGS = {
-    "base": ("model.base", "base model: smollm2 (embedded), tiny, or a local HF folder / .gguf file"),
-    "rounds": ("federation.rounds", "training rounds"),
+    **{flag: SIMULATE_FLAGS[flag] for flag in ("base", "rounds", "per_round", "codec", "steps", "seed")},
     "devices": ("federation.num-devices", "devices the server waits for before round 1"),
-    "per_round": ("federation.devices-per-round", "devices sampled for training per round (0: all)"),
-    "codec": ("federation.codec", f"exchange codec, both directions: {', '.join(CODECS)}"),
-    "steps": ("train.local-steps", "local optimizer steps per device per round"),
-    "seed": ("seed", "run seed (LoRA A init, sampling, splits, shuffles)"),
 }
 
 _PLAINTEXT_WARNING = (

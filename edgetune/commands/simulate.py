@@ -16,10 +16,10 @@ from pathlib import Path
 from edgetune import wire
 from edgetune.config import CODECS, ConfigError, RunConfig, from_flat, to_flat
 
-__all__ = ["register", "config_from_args"]
+__all__ = ["SIMULATE_FLAGS", "config_from_args", "register"]
 
 # flag -> flat config key
-_SIMULATE_FLAGS = {
+SIMULATE_FLAGS = {
     "base": ("model.base", "base model: smollm2 (embedded), tiny, or a local HF folder / .gguf file"),
     "rounds": ("federation.rounds", "training rounds"),
     "devices": ("federation.num-devices", "virtual devices in the federation"),
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "1-bit deltas both ways. Writes metrics.jsonl, a PEFT adapter, loss.png and bytes.png to the run folder.",
     )
     defaults = to_flat(RunConfig())
-    for flag, (key, text) in _SIMULATE_FLAGS.items():
+    for flag, (key, text) in SIMULATE_FLAGS.items():
         sim.add_argument(
             f"--{flag.replace('_', '-')}", dest=flag, metavar="X", help=f"{text} (default: {defaults[key]})"
         )
@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ConfigError(f"--resume {args.resume}: no {wire.CONFIG_FILE} there, so it is not a run folder")
         flat.update(json.loads(saved.read_text()))
         flat["run-dir"] = args.resume
-    for flag, (key, _) in _SIMULATE_FLAGS.items():
+    for flag, (key, _) in SIMULATE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             flat[key] = value
