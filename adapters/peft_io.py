@@ -15,9 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from edgetune.adapters.lora import peft_config
 from edgetune.config import LoraConfig
-
-from .lora import peft_config
 
 __all__ = [
     "ADAPTER_CONFIG",

@@ -17,17 +17,16 @@ from flwr.clientapp import ClientApp
 from peft import PeftModel
 from torch import Tensor
 
-from adapters.codec import Payload
 from edgetune import wire
+from edgetune.adapters.codec import Payload
+from edgetune.client.device import Downlink, eval_round, sync_global, train_round
+from edgetune.client.examples import TokenizedDevice, canary_file_for, tokenized_device
+from edgetune.client.ort_engine import select_engine
+from edgetune.client.retrieval import rag_tokenized_device
+from edgetune.client.storage import DeviceStorage
+from edgetune.client.supernode import run_state_dir
+from edgetune.client.train import device_model
 from edgetune.config import RunConfig, from_flat
-
-from .device import Downlink, eval_round, sync_global, train_round
-from .examples import TokenizedDevice, canary_file_for, tokenized_device
-from .ort_engine import select_engine
-from .retrieval import rag_tokenized_device
-from .storage import DeviceStorage
-from .supernode import run_state_dir
-from .train import device_model
 
 __all__ = ["app"]
 

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from peft import PeftModel
 from torch import Tensor
 
-from adapters.codec import Payload, apply_update, compress, decode, full_codec
-from adapters.delta import add, clip, global_norm, scale, subtract
-from adapters.lora import exchanged_names, get_adapter, init_adapter, model_adapter_shapes, set_adapter
+from edgetune.adapters.codec import Payload, apply_update, compress, decode, full_codec
+from edgetune.adapters.delta import add, clip, global_norm, scale, subtract
+from edgetune.adapters.lora import exchanged_names, get_adapter, init_adapter, model_adapter_shapes, set_adapter
+from edgetune.client.data import iterate_batches
+from edgetune.client.examples import TokenizedDevice
+from edgetune.client.ort_engine import ORT, train_local_ort
+from edgetune.client.storage import DeviceStorage
+from edgetune.client.train import StepStats, evaluate, train_local
 from edgetune.config import RunConfig
-
-from .data import iterate_batches
-from .examples import TokenizedDevice
-from .ort_engine import ORT, train_local_ort
-from .storage import DeviceStorage
-from .train import StepStats, evaluate, train_local
 
 __all__ = ["Downlink", "SyncError", "clip_for_uplink", "eval_round", "sync_global", "train_round"]
 

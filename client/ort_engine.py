@@ -31,11 +31,10 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from adapters.lora import get_adapter, set_adapter
 from edgetune import wire
+from edgetune.adapters.lora import get_adapter, set_adapter
+from edgetune.client.train import StepStats
 from edgetune.config import ENGINES, RunConfig, to_flat
-
-from .train import StepStats
 
 __all__ = ["ORT", "artifacts_for", "select_engine", "train_local_ort"]
 
@@ -73,7 +72,7 @@ def artifacts_for(model: PeftModel, cfg: RunConfig, storage_root: Path) -> Path:
     The build goes to a temporary folder renamed into place, so a device killed mid-build
     rebuilds next round instead of reading half a checkpoint.
     """
-    from edge_export.ort_training import MANIFEST_FILE, build_artifacts
+    from edgetune.edge_export.ort_training import MANIFEST_FILE, build_artifacts
 
     folder = storage_root / wire.ORT_ARTIFACTS_DIR / _artifacts_key(cfg)
     if (folder / MANIFEST_FILE).is_file():
@@ -93,7 +92,7 @@ def train_local_ort(
 
     On return ``model`` holds the trained adapter (as after the PyTorch path).
     """
-    from edge_export.ort_trainer import OrtTrainer
+    from edgetune.edge_export.ort_trainer import OrtTrainer
 
     folder = artifacts_for(model, cfg, storage_root)
     start = time.perf_counter()

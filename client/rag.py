@@ -33,10 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapters.peft_io import atomic_write_text
 from edgetune import wire
-
-from .chunking import chunk_text, document_files, read_document
+from edgetune.adapters.peft_io import atomic_write_text
+from edgetune.client.chunking import chunk_text, document_files, read_document
 
 if TYPE_CHECKING:
     import faiss

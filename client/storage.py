@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from adapters.peft_io import atomic_save, load_tensors
+from edgetune.adapters.peft_io import atomic_save, load_tensors
 from edgetune.wire import HELD_ADAPTER_FILE, RESIDUAL_FILE
 
 __all__ = ["DeviceStorage"]

@@ -17,11 +17,10 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from adapters.lora import attach_lora
+from edgetune.adapters.lora import attach_lora
+from edgetune.client.data import collate
 from edgetune.config import LoraConfig, TrainConfig
 from edgetune.models import load_base
-
-from .data import collate
 
 __all__ = ["StepStats", "autocast", "device_model", "evaluate", "summed_loss", "train_local"]
 

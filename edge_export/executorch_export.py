@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from edge_export.errors import ExportError, RunnerUnavailable
-from edge_export.pipeline import ExportOptions, Stage
+from edgetune.edge_export.errors import ExportError, RunnerUnavailable
+from edgetune.edge_export.pipeline import ExportOptions, Stage
 
 __all__ = ["BACKENDS", "FORMAT", "PteFormat", "PteRunner"]
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from edge_export.errors import ExportError
-from edge_export.parity import EagerRunner
-from edge_export.pipeline import ExportOptions, Stage
+from edgetune.edge_export.errors import ExportError
+from edgetune.edge_export.parity import EagerRunner
+from edgetune.edge_export.pipeline import ExportOptions, Stage
 
 __all__ = ["FORMAT", "GgufFormat", "gguf_runner", "tokenizer_fields"]
 

@@ -32,12 +32,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from edge_export.errors import ExportError
+from edgetune.edge_export.errors import ExportError
 
 if TYPE_CHECKING:
     import onnxruntime
 
-    from edge_export.pipeline import ExportOptions, Stage
+    from edgetune.edge_export.pipeline import ExportOptions, Stage
 
 __all__ = [
     "FORMAT",

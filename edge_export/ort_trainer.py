@@ -20,8 +20,8 @@ import torch
 from peft import PeftModel
 from torch import Tensor
 
-from edge_export.onnx_export import session_options
-from edge_export.ort_training import (
+from edgetune.edge_export.onnx_export import session_options
+from edgetune.edge_export.ort_training import (
     CHECKPOINT_FILE,
     EVAL_FILE,
     INPUTS,
@@ -127,7 +127,7 @@ def benchmark_step(
         precision: ``fp32`` or ``bf16`` (CPU autocast) for the PyTorch step; ORT is fp32.
         repeats: timed steps per engine.
     """
-    from adapters.lora import get_adapter, set_adapter
+    from edgetune.adapters.lora import get_adapter, set_adapter
 
     start = get_adapter(model)
     trainer = OrtTrainer(folder, start, learning_rate)
@@ -160,7 +160,7 @@ def _torch_stepper(
     model: PeftModel, batch: dict[str, Tensor], learning_rate: float, precision: str
 ) -> Callable[[], float]:
     """One device-path PyTorch step per call (``client.train.train_local``'s inner loop)."""
-    from client.train import autocast, summed_loss
+    from edgetune.client.train import autocast, summed_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)

@@ -43,8 +43,8 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from edge_export.errors import ExportError
-from edge_export.onnx_export import (
+from edgetune.edge_export.errors import ExportError
+from edgetune.edge_export.onnx_export import (
     OnnxRunner,
     check_graph,
     export_decoder,
@@ -53,7 +53,7 @@ from edge_export.onnx_export import (
 )
 
 if TYPE_CHECKING:
-    from edge_export.pipeline import ExportOptions, Stage
+    from edgetune.edge_export.pipeline import ExportOptions, Stage
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -95,7 +95,7 @@ class LossGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        from client.train import summed_loss
+        from edgetune.client.train import summed_loss
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         loss_sum, _ = summed_loss(self.model, batch)
@@ -313,7 +313,7 @@ class OrtTrainingFormat:
 
 
 def _fresh_lora(model: nn.Module) -> PeftModel:
-    from adapters.lora import attach_lora
+    from edgetune.adapters.lora import attach_lora
     from edgetune.config import LoraConfig
 
     return attach_lora(model, LoraConfig())

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from edge_export.errors import ExportError, RunnerUnavailable
+from edgetune.edge_export.errors import ExportError, RunnerUnavailable
 
 __all__ = [
     "FLOAT_TYPES",
@@ -130,7 +130,7 @@ def formats() -> dict[str, ExportFormat]:
     Built on first use, not at import: the format modules import this one for
     :class:`ExportOptions`, so they must be able to load it first.
     """
-    from edge_export import executorch_export, gguf_export, onnx_export, ort_training
+    from edgetune.edge_export import executorch_export, gguf_export, onnx_export, ort_training
 
     modules = (executorch_export, onnx_export, ort_training, gguf_export)
     return {m.FORMAT.name: m.FORMAT for m in modules}
@@ -285,7 +285,7 @@ def _parity_stage(
     stage: Stage,
     print_fn: Callable[[str], None],
 ) -> dict[str, Any]:
-    from edge_export import parity
+    from edgetune.edge_export import parity
 
     out = artefact.parent / parity.PARITY_FILE
     with stage("parity"):

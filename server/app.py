@@ -11,8 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from edgetune.config import RunConfig, from_flat
-
-from .federation import run_federation
+from edgetune.server.federation import run_federation
 
 __all__ = ["app", "server_app_for"]
 

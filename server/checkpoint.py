@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from adapters.codec import Payload
-from adapters.peft_io import atomic_save, load_tensors
+from edgetune.adapters.codec import Payload
+from edgetune.adapters.peft_io import atomic_save, load_tensors
+from edgetune.server.accounting import events_from_json, events_to_json
+from edgetune.server.strategy import ServerState
 from edgetune.wire import CHECKPOINT_DIR, UPDATES_DIR
-
-from .accounting import events_from_json, events_to_json
-from .strategy import ServerState
 
 __all__ = ["latest_checkpoint", "save_checkpoint", "save_update"]
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adapters.delta import global_norm
+from edgetune.adapters.delta import global_norm
 from edgetune.config import DpConfig
 
 __all__ = [

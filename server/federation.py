@@ -28,23 +28,29 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from tqdm import tqdm
 
-from adapters.codec import Payload, raw_bytes
-from adapters.delta import lora_product_error
-from adapters.lora import adapter_shapes
-from adapters.peft_io import atomic_write_text, save_adapter
 from edgetune import wire
+from edgetune.adapters.codec import Payload, raw_bytes
+from edgetune.adapters.delta import lora_product_error
+from edgetune.adapters.lora import adapter_shapes
+from edgetune.adapters.peft_io import atomic_write_text, save_adapter
 from edgetune.config import ConfigError, RunConfig, dumps, from_flat, to_flat
 from edgetune.models import model_skeleton, resolve_base
-
-from .accounting import RoundEvent, epsilon, next_event
-from .audit.canaries import ensure_canaries
-from .checkpoint import latest_checkpoint, save_checkpoint, save_update
-from .dp import mean_denominator, noise_generator, private_mean
-from .metrics import RoundMetrics, append_metrics, read_metrics, read_pending, truncate_metrics, write_pending
-from .sampling import private_sample
-from .strategy import DeltaFedAvg
-from .uplinks import record_uplink
-from .validate import Rejection, TrainReply, validate_eval, validate_train
+from edgetune.server.accounting import RoundEvent, epsilon, next_event
+from edgetune.server.audit.canaries import ensure_canaries
+from edgetune.server.checkpoint import latest_checkpoint, save_checkpoint, save_update
+from edgetune.server.dp import mean_denominator, noise_generator, private_mean
+from edgetune.server.metrics import (
+    RoundMetrics,
+    append_metrics,
+    read_metrics,
+    read_pending,
+    truncate_metrics,
+    write_pending,
+)
+from edgetune.server.sampling import private_sample
+from edgetune.server.strategy import DeltaFedAvg
+from edgetune.server.uplinks import record_uplink
+from edgetune.server.validate import Rejection, TrainReply, validate_eval, validate_train
 
 __all__ = ["FederationError", "run_federation"]
 

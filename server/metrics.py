@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from adapters.peft_io import atomic_write_text
+from edgetune.adapters.peft_io import atomic_write_text
 from edgetune.wire import METRICS_FILE, PENDING_FILE
 
 __all__ = [

@@ -24,13 +24,20 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from adapters.codec import Payload, apply_update, compress, encode, expected_payload_bytes, full_codec, payload_bytes
-from adapters.delta import add, subtract, weighted_mean
-from adapters.lora import exchanged_names, init_adapter
+from edgetune.adapters.codec import (
+    Payload,
+    apply_update,
+    compress,
+    encode,
+    expected_payload_bytes,
+    full_codec,
+    payload_bytes,
+)
+from edgetune.adapters.delta import add, subtract, weighted_mean
+from edgetune.adapters.lora import exchanged_names, init_adapter
 from edgetune.config import RunConfig
+from edgetune.server.accounting import RoundEvent
 from edgetune.wire import FULL, UPDATE_PREFIX
-
-from .accounting import RoundEvent
 
 __all__ = ["DeltaFedAvg", "ServerState"]
 

@@ -29,13 +29,20 @@ from pathlib import Path
 from edgetune import wire
 from edgetune.config import RunConfig, to_flat
 from edgetune.processes import forward_signals
-
-from .superlink import control_client
+from edgetune.server.superlink import control_client
 
 __all__ = ["FollowOptions", "RunOutcome", "build_fab", "submit_and_follow"]
 
-# The packages the ServerApp and ClientApp import (pyproject's [tool.setuptools.packages.find]).
-APP_PACKAGES = ("edgetune", "adapters", "client", "server", "edge_export", "simulations")
+# The packages the ServerApp and ClientApp import: edgetune and the folders mapped into it
+# (pyproject's [tool.setuptools] package-dir), each laid out in the FAB under its dotted name.
+APP_PACKAGES = (
+    "edgetune",
+    "edgetune.adapters",
+    "edgetune.client",
+    "edgetune.server",
+    "edgetune.edge_export",
+    "edgetune.simulations",
+)
 
 
 def _package_files(name: str) -> dict[str, Path]:
@@ -43,10 +50,12 @@ def _package_files(name: str) -> dict[str, Path]:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"package {name!r} is not importable here; is edgetune installed?")
     root = Path(next(iter(spec.submodule_search_locations)))
+    prefix = name.replace(".", "/")
+    mapped = {p.split(".")[-1] for p in APP_PACKAGES if p.startswith(name + ".")}
     return {
-        f"{name}/{p.relative_to(root).as_posix()}": p
+        f"{prefix}/{p.relative_to(root).as_posix()}": p
         for p in sorted(root.rglob("*.py"))
-        if "__pycache__" not in p.parts
+        if "__pycache__" not in p.parts and p.relative_to(root).parts[0] not in mapped
     }
 
 
@@ -60,7 +69,7 @@ def _pyproject(cfg: RunConfig) -> bytes:
             "flwr": {
                 "app": {
                     "publisher": "edgetune",
-                    "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                    "components": {"serverapp": "edgetune.server.app:app", "clientapp": "edgetune.client.app:app"},
                     "config": to_flat(cfg),
                 }
             }

@@ -29,8 +29,7 @@ from pathlib import Path
 from edgetune import wire
 from edgetune.devicekeys import fingerprint, load_public_key, public_key_pem
 from edgetune.processes import flower_executable, forward_signals, pump_lines, start, stop_tree
-
-from .tls import TlsFiles
+from edgetune.server.tls import TlsFiles
 
 __all__ = ["ServerOptions", "ServerError", "control_client", "register_devices", "serve", "superlink_command"]
 

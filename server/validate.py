@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from flwr.app import Message
 from torch import Tensor
 
-from adapters.codec import CodecError, Payload, decode, expected_payload_bytes, payload_bytes
 from edgetune import wire
+from edgetune.adapters.codec import CodecError, Payload, decode, expected_payload_bytes, payload_bytes
 
 _OPTIONAL = (wire.NUM_TOKENS, wire.SECONDS)  # checked when present
 _NPY_HEADER_SLACK = 1024  # bytes of .npy header allowed per array

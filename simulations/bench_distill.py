@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from edgetune.models import load_base
-from server.distill.run import DistillConfig, distill, make_student
+from edgetune.server.distill.run import DistillConfig, distill, make_student
 
 
 def _args() -> argparse.Namespace:

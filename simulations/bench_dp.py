@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 from edgetune.config import RunConfig, from_flat, to_flat
-from server.metrics import read_metrics
-from simulations.simulate import simulate
+from edgetune.server.metrics import read_metrics
+from edgetune.simulations.simulate import simulate
 
 
 def _modes(clip_norm: float, noise_multiplier: float) -> dict[str, dict[str, object]]:

@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 
 from edgetune.config import RunConfig, from_flat, to_flat
-from server.metrics import read_metrics
-from simulations.simulate import simulate
+from edgetune.server.metrics import read_metrics
+from edgetune.simulations.simulate import simulate
 
 MODES = {
     "fp32": {"federation.codec": "fp32"},

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from edge_export import parity
-from edge_export.pipeline import ExportOptions, formats, load_merged, stage_printer
+from edgetune.edge_export import parity
+from edgetune.edge_export.pipeline import ExportOptions, formats, load_merged, stage_printer
 
 DEFAULT_ADAPTER = "runs/default/adapter"
 
@@ -50,12 +50,12 @@ def _export_and_check(
 
 def _ort_step(base: str, adapter: Path | None, out: Path, batch_size: int) -> dict[str, Any]:
     """ORT training step vs PyTorch step on one batch of device data (export-B's ``benchmark_step``)."""
-    from adapters.lora import attach_lora, set_adapter
-    from adapters.peft_io import load_adapter
-    from client.data import iterate_batches
-    from client.examples import tokenized_device
-    from edge_export import ort_trainer, ort_training
+    from edgetune.adapters.lora import attach_lora, set_adapter
+    from edgetune.adapters.peft_io import load_adapter
+    from edgetune.client.data import iterate_batches
+    from edgetune.client.examples import tokenized_device
     from edgetune.config import DataConfig, LoraConfig
+    from edgetune.edge_export import ort_trainer, ort_training
     from edgetune.models import load_base
 
     model, tokenizer = load_base(base)

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.rag import RagIndex
-from simulations.documents import pydoc_topics
+from edgetune.client.rag import RagIndex
+from edgetune.simulations.documents import pydoc_topics
 
 QUESTIONS = (
     "How do I catch an exception and still run cleanup code?",
@@ -150,8 +150,8 @@ def latency_and_memory(index: RagIndex, queries: list[str]) -> dict[str, float]:
 
 def federated(args: argparse.Namespace, out: Path) -> dict[str, dict]:
     from edgetune.config import from_flat
-    from server.metrics import read_metrics
-    from simulations.simulate import simulate
+    from edgetune.server.metrics import read_metrics
+    from edgetune.simulations.simulate import simulate
 
     results = {}
     for name, rag in (("rag-off", False), ("rag-on", True)):
@@ -186,7 +186,7 @@ def federated(args: argparse.Namespace, out: Path) -> dict[str, dict]:
 def answers(index: RagIndex, base: str, adapter: Path | None, new_tokens: int) -> list[dict[str, object]]:
     from peft import PeftModel
 
-    from client.retrieval import answer_question
+    from edgetune.client.retrieval import answer_question
     from edgetune.models import load_base
 
     model, tokenizer = load_base(base)

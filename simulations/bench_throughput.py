@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from client.data import iterate_batches
-from client.examples import tokenized_device
-from client.train import autocast, device_model, summed_loss
+from edgetune.client.data import iterate_batches
+from edgetune.client.examples import tokenized_device
+from edgetune.client.train import autocast, device_model, summed_loss
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
 
 

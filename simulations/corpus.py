@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from client.data import Messages
+from edgetune.client.data import Messages
 
 __all__ = ["Slices", "available_languages", "chatterbot_data_dir", "load_chatterbot"]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from client.chunking import document_files, read_document
-from simulations.partition import DeviceData
+from edgetune.client.chunking import document_files, read_document
+from edgetune.simulations.partition import DeviceData
 
 __all__ = ["answer_source", "device_documents", "pydoc_topics"]
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.data import Messages
-from simulations.corpus import Slices
+from edgetune.client.data import Messages
+from edgetune.simulations.corpus import Slices
 
 __all__ = [
     "SCHEMES",

@@ -70,8 +70,8 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
     Raises:
         SimulationError: the ServerApp failed or never reported completion.
     """
-    from client.app import app as client_app
-    from server.app import server_app_for
+    from edgetune.client.app import app as client_app
+    from edgetune.server.app import server_app_for
 
     run_dir = Path(cfg.run_dir)
     error: BaseException | None = None

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from adapters.lora import adapter_shapes
 from edgetune import models
+from edgetune.adapters.lora import adapter_shapes
 from edgetune.config import LoraConfig
 
 

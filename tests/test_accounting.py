@@ -10,7 +10,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from edgetune.config import DpConfig
-from server.accounting import RoundEvent, epsilon, events_from_json, events_to_json, next_event
+from edgetune.server.accounting import RoundEvent, epsilon, events_from_json, events_to_json, next_event
 
 # (population N, devices per round k, noise multiplier z, rounds R, delta)
 GRID = [

@@ -21,16 +21,16 @@ import torch
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from adapters.codec import encode
-from client.examples import canary_file_for, planted_canaries
 from edgetune import wire
+from edgetune.adapters.codec import encode
+from edgetune.client.examples import canary_file_for, planted_canaries
 from edgetune.config import ConfigError, from_flat, to_flat
-from server.audit.canaries import ensure_canaries, read_canaries
-from server.audit.exposure import exposure, exposure_summary
-from server.audit.guarantee import empirical_bound, rederive_epsilon
-from server.audit.membership import bound_check, clopper_pearson, roc_auc, roc_points, tpr_at_fpr
-from server.audit.report import build_report, write_report
-from server.uplinks import ALLOWED_VERDICT, describe_uplink, read_uplinks, record_uplink
+from edgetune.server.audit.canaries import ensure_canaries, read_canaries
+from edgetune.server.audit.exposure import exposure, exposure_summary
+from edgetune.server.audit.guarantee import empirical_bound, rederive_epsilon
+from edgetune.server.audit.membership import bound_check, clopper_pearson, roc_auc, roc_points, tpr_at_fpr
+from edgetune.server.audit.report import build_report, write_report
+from edgetune.server.uplinks import ALLOWED_VERDICT, describe_uplink, read_uplinks, record_uplink
 
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
@@ -257,7 +257,7 @@ def _png_is_blank(data: bytes) -> bool:
 def audit_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny audit simulation (DP off, exact fp32 exchange, one device whose 40 short
     conversations sit beside 2 canaries x 20 copies) and its report with the empirical tests."""
-    from simulations.simulate import simulate
+    from edgetune.simulations.simulate import simulate
 
     root = tmp_path_factory.mktemp("audit")
     data = root / "device.jsonl"

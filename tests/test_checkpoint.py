@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig, to_flat
+from edgetune.server.checkpoint import latest_checkpoint, save_checkpoint, save_update
+from edgetune.server.federation import FederationError, _check_resumable
+from edgetune.server.strategy import DeltaFedAvg, ServerState
 from edgetune.wire import CHECKPOINT_DIR, CONFIG_FILE, UPDATES_DIR
-from server.checkpoint import latest_checkpoint, save_checkpoint, save_update
-from server.federation import FederationError, _check_resumable
-from server.strategy import DeltaFedAvg, ServerState
 
 
 def _server(shapes: dict[str, tuple[int, ...]], codec: str = "1bit") -> DeltaFedAvg:

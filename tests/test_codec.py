@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.codec import (
+from edgetune.adapters.codec import (
     CodecError,
     apply_update,
     compress,

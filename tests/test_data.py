@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from client.data import (
+from edgetune.client.data import (
     IGNORE_INDEX,
     ChatTemplateError,
     DataError,

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from adapters.delta import add, clip, global_norm, lora_product_error, scale, subtract, weighted_mean
-from adapters.lora import init_adapter
+from edgetune.adapters.delta import add, clip, global_norm, lora_product_error, scale, subtract, weighted_mean
+from edgetune.adapters.lora import init_adapter
 
 SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2), "bias": (4,)}
 FLOATS = st.floats(-100, 100, width=32, allow_nan=False, allow_infinity=False)

@@ -255,8 +255,8 @@ def test_plaintext_client_cannot_use_the_tls_port(federation: Federation) -> Non
 
 def test_bytes_per_round_equal_the_simulation(federation: Federation) -> None:
     from edgetune.config import from_flat
-    from server.metrics import read_metrics
-    from simulations.simulate import simulate
+    from edgetune.server.metrics import read_metrics
+    from edgetune.simulations.simulate import simulate
 
     sim_dir = federation.root / "sim"
     flat = {**RUN_SETTINGS, "federation.rounds": 2, "federation.num-devices": 2, "run-dir": str(sim_dir)}

@@ -21,22 +21,22 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.codec import decode
-from adapters.delta import global_norm
-from adapters.lora import adapter_shapes, init_adapter
-from adapters.peft_io import load_adapter
-from client.app import evaluate as client_evaluate
-from client.app import train as client_train
-from client.device import clip_for_uplink
 from edgetune import wire
+from edgetune.adapters.codec import decode
+from edgetune.adapters.delta import global_norm
+from edgetune.adapters.lora import adapter_shapes, init_adapter
+from edgetune.adapters.peft_io import load_adapter
+from edgetune.client.app import evaluate as client_evaluate
+from edgetune.client.app import train as client_train
+from edgetune.client.device import clip_for_uplink
 from edgetune.config import DataConfig, DpConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from edgetune.models import model_skeleton
-from server.accounting import epsilon, events_from_json, next_event
-from server.checkpoint import latest_checkpoint
-from server.dp import clip_delta, gaussian_noise, mean_denominator, noise_generator, private_mean
-from server.federation import run_federation
-from server.metrics import read_metrics, summary_table
-from server.sampling import fixed_sample, poisson_sample, private_sample
+from edgetune.server.accounting import epsilon, events_from_json, next_event
+from edgetune.server.checkpoint import latest_checkpoint
+from edgetune.server.dp import clip_delta, gaussian_noise, mean_denominator, noise_generator, private_mean
+from edgetune.server.federation import run_federation
+from edgetune.server.metrics import read_metrics, summary_table
+from edgetune.server.sampling import fixed_sample, poisson_sample, private_sample
 
 # ---------------------------------------------------------------------------- clipping
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.data import DataError
-from client.examples import device_conversations, tokenized_device
+from edgetune.client.data import DataError
+from edgetune.client.examples import device_conversations, tokenized_device
 from edgetune.config import DataConfig
 from edgetune.models import tiny_tokenizer
 

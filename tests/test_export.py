@@ -14,14 +14,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from adapters.lora import adapter_shapes, init_adapter
-from adapters.peft_io import save_adapter
-from edge_export import executorch_export, gguf_export, parity
-from edge_export.errors import ExportError
-from edge_export.pipeline import ExportOptions, ExportResult, formats, load_merged, run_export, stage_printer
 from edgetune import cli, models
-from edgetune.commands import export as export_command
+from edgetune.adapters.lora import adapter_shapes, init_adapter
+from edgetune.adapters.peft_io import save_adapter
+from edgetune.cli import export as export_command
 from edgetune.config import LoraConfig
+from edgetune.edge_export import executorch_export, gguf_export, parity
+from edgetune.edge_export.errors import ExportError
+from edgetune.edge_export.pipeline import ExportOptions, ExportResult, formats, load_merged, run_export, stage_printer
 
 # Byte-level test tokenizer: the chat-templated prompts are ~90 tokens.
 SEQ_LEN = 128

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from adapters.delta import add, weighted_mean
-from adapters.lora import (
+from edgetune.adapters.delta import add, weighted_mean
+from edgetune.adapters.lora import (
     adapter_shapes,
     attach_lora,
     exchanged_names,

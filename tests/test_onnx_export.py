@@ -16,15 +16,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from adapters.lora import attach_lora, get_adapter, set_adapter
-from adapters.peft_io import save_adapter
-from client.ort_engine import ORT, select_engine
-from client.train import summed_loss
-from edge_export import onnx_export, ort_trainer, ort_training
-from edge_export.errors import ExportError
-from edge_export.pipeline import ExportOptions
 from edgetune import models, wire
+from edgetune.adapters.lora import attach_lora, get_adapter, set_adapter
+from edgetune.adapters.peft_io import save_adapter
+from edgetune.client.ort_engine import ORT, select_engine
+from edgetune.client.train import summed_loss
 from edgetune.config import LoraConfig, from_flat
+from edgetune.edge_export import onnx_export, ort_trainer, ort_training
+from edgetune.edge_export.errors import ExportError
+from edgetune.edge_export.pipeline import ExportOptions
 
 PROMPTS = ("What is the capital of France?", "Tell me a joke about robots.")
 
@@ -216,7 +216,7 @@ def test_pipeline_hands_ort_training_the_adapter_unmerged(tmp_path: Path) -> Non
     """``edgetune export --format ort-training --adapter A``: the checkpoint starts from A's own B."""
     from onnxruntime.training.api import CheckpointState
 
-    from edge_export.pipeline import run_export
+    from edgetune.edge_export.pipeline import run_export
 
     lora = LoraConfig(rank=4)
     adapter = get_adapter(_random_lora(lora))

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.lora import adapter_shapes, init_adapter
-from adapters.peft_io import ADAPTER_WEIGHTS, load_tensors
 from edgetune import wire
+from edgetune.adapters.lora import adapter_shapes, init_adapter
+from edgetune.adapters.peft_io import ADAPTER_WEIGHTS, load_tensors
 from edgetune.config import from_flat
 from edgetune.models import model_skeleton
-from server.metrics import read_metrics
-from simulations.simulate import simulate
+from edgetune.server.metrics import read_metrics
+from edgetune.simulations.simulate import simulate
 
 pytestmark = pytest.mark.e2e
 

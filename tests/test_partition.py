@@ -9,9 +9,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from client.data import Messages
-from simulations.corpus import available_languages, load_chatterbot
-from simulations.partition import (
+from edgetune.client.data import Messages
+from edgetune.simulations.corpus import available_languages, load_chatterbot
+from edgetune.simulations.partition import (
     SCHEMES,
     DeviceData,
     partition,

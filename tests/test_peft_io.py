@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from adapters.lora import attach_lora, set_adapter
-from adapters.peft_io import (
+from edgetune.adapters.lora import attach_lora, set_adapter
+from edgetune.adapters.peft_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     atomic_save,

@@ -16,15 +16,15 @@ import pytest
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from adapters.lora import adapter_shapes
-from client.app import app as client_app
-from client.rag import EMBED_DIM, RagIndex
 from edgetune import wire
+from edgetune.adapters.lora import adapter_shapes
+from edgetune.client.app import app as client_app
+from edgetune.client.rag import EMBED_DIM, RagIndex
 from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RagConfig, RunConfig, TrainConfig
 from edgetune.models import model_skeleton
-from server.federation import run_federation
-from server.metrics import read_metrics
-from simulations.simulate import run_apps
+from edgetune.server.federation import run_federation
+from edgetune.server.metrics import read_metrics
+from edgetune.simulations.simulate import run_apps
 
 pytestmark = pytest.mark.e2e
 

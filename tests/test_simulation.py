@@ -28,18 +28,18 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from adapters.lora import adapter_shapes, init_adapter
-from adapters.peft_io import load_adapter, load_tensors
-from client.app import app as client_app
-from client.app import evaluate as client_evaluate
-from client.app import train as client_train
 from edgetune import wire
+from edgetune.adapters.lora import adapter_shapes, init_adapter
+from edgetune.adapters.peft_io import load_adapter, load_tensors
+from edgetune.client.app import app as client_app
+from edgetune.client.app import evaluate as client_evaluate
+from edgetune.client.app import train as client_train
 from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from edgetune.models import model_skeleton, tiny_llama, tiny_tokenizer
-from server.app import server_app_for
-from server.federation import run_federation
-from server.metrics import read_metrics
-from simulations.simulate import SimulationError, run_apps, simulate
+from edgetune.server.app import server_app_for
+from edgetune.server.federation import run_federation
+from edgetune.server.metrics import read_metrics
+from edgetune.simulations.simulate import SimulationError, run_apps, simulate
 
 pytestmark = pytest.mark.e2e
 

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from adapters.codec import encode, full_codec
-from adapters.delta import subtract, weighted_mean
-from adapters.lora import attach_lora
-from client.device import Downlink, SyncError, sync_global
-from client.storage import DeviceStorage
+from edgetune.adapters.codec import encode, full_codec
+from edgetune.adapters.delta import subtract, weighted_mean
+from edgetune.adapters.lora import attach_lora
+from edgetune.client.device import Downlink, SyncError, sync_global
+from edgetune.client.storage import DeviceStorage
 from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig
+from edgetune.server.strategy import DeltaFedAvg
 from edgetune.wire import FULL, HELD_ADAPTER_FILE, RESIDUAL_FILE, UPDATE_PREFIX
-from server.strategy import DeltaFedAvg
 
 StateDict = dict[str, Tensor]
 

@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.supernode import JoinOptions, node_config, run_state_dir, supernode_command
+from edgetune.client.supernode import JoinOptions, node_config, run_state_dir, supernode_command
 from edgetune.config import FederationConfig, RunConfig
 from edgetune.devicekeys import (
     DeviceKeyError,
@@ -25,8 +25,8 @@ from edgetune.devicekeys import (
     public_key_files,
     public_key_pem,
 )
-from server.superlink import ServerOptions, describe_line, superlink_command
-from server.tls import certificate_hosts, ensure_certificates, user_certificates
+from edgetune.server.superlink import ServerOptions, describe_line, superlink_command
+from edgetune.server.tls import certificate_hosts, ensure_certificates, user_certificates
 
 
 def test_certificates_cover_default_and_given_hosts(tmp_path: Path) -> None:

@@ -24,12 +24,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from numpy.lib import format as npy_format
 
-from adapters.codec import decode, encode, payload_bytes
-from adapters.lora import adapter_shapes, exchanged_names
 from edgetune import wire
+from edgetune.adapters.codec import decode, encode, payload_bytes
+from edgetune.adapters.lora import adapter_shapes, exchanged_names
 from edgetune.config import CODECS, FederationConfig, LoraConfig, ModelConfig, RunConfig
 from edgetune.models import model_skeleton
-from server.validate import EvalReply, Rejection, TrainReply, validate_eval, validate_train
+from edgetune.server.validate import EvalReply, Rejection, TrainReply, validate_eval, validate_train
 
 SERVER_NODE = 1
 NODE = 5
@@ -482,8 +482,8 @@ def test_one_device_with_bad_metrics_never_ends_the_run(
 ) -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
-    from server.federation import run_federation
-    from server.metrics import read_metrics
+    from edgetune.server.federation import run_federation
+    from edgetune.server.metrics import read_metrics
 
     # Instruction messages read the run's identity, which Flower sets inside a real run.
     for attr, value in {"_run_id": 1, "_task_id": 1, "_node_id": SERVER_NODE}.items():

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.peft_io import atomic_write_text
 from edgetune import wire
+from edgetune.adapters.peft_io import atomic_write_text
 from edgetune.config import ConfigError, RunConfig
 
 __all__ = [

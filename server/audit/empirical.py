@@ -22,14 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from client.data import Messages
-from client.examples import device_conversations
+from edgetune.client.data import Messages
+from edgetune.client.examples import device_conversations
 from edgetune.config import RunConfig
-
-from .canaries import canary_messages, random_secrets, read_canaries
-from .exposure import exposure, exposure_summary
-from .membership import bound_check, membership_summary
-from .scoring import RunModels
+from edgetune.server.audit.canaries import canary_messages, random_secrets, read_canaries
+from edgetune.server.audit.exposure import exposure, exposure_summary
+from edgetune.server.audit.membership import bound_check, membership_summary
+from edgetune.server.audit.scoring import RunModels
 
 __all__ = ["Bound", "run_empirical"]
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .membership import bound_check, roc_auc
+from edgetune.server.audit.membership import bound_check, roc_auc
 
 __all__ = ["exposure", "exposure_summary", "max_exposure"]
 

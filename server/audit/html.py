@@ -11,7 +11,7 @@ import base64
 from html import escape
 from typing import Any
 
-from .plots import canary_plot, clipping_plot, epsilon_plot, roc_plot
+from edgetune.server.audit.plots import canary_plot, clipping_plot, epsilon_plot, roc_plot
 
 __all__ = ["render_html"]
 

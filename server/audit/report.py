@@ -12,14 +12,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from adapters.peft_io import atomic_write_text
 from edgetune import wire
+from edgetune.adapters.peft_io import atomic_write_text
 from edgetune.config import from_flat
-from server.metrics import read_metrics
-from server.uplinks import ALLOWED_VERDICT, read_uplinks
-
-from .guarantee import describe_guarantee
-from .html import render_html
+from edgetune.server.audit.guarantee import describe_guarantee
+from edgetune.server.audit.html import render_html
+from edgetune.server.metrics import read_metrics
+from edgetune.server.uplinks import ALLOWED_VERDICT, read_uplinks
 
 __all__ = ["AuditError", "build_report", "describe_uplinks", "summarise", "write_report"]
 
@@ -59,7 +58,7 @@ def describe_uplinks(lines: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _empirical(run_dir: Path, config: dict[str, Any], bound: tuple[float, float] | None, options: dict) -> dict:
-    from .empirical import run_empirical  # loads torch and the model only when asked
+    from edgetune.server.audit.empirical import run_empirical  # loads torch and the model only when asked
 
     return run_empirical(run_dir, from_flat(config), bound, **options)
 

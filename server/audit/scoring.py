@@ -18,11 +18,11 @@ import torch
 from peft import PeftModel
 from tqdm import tqdm
 
-from adapters.lora import init_adapter, model_adapter_shapes, set_adapter
-from adapters.peft_io import load_adapter
-from client.data import Example, Messages, collate, tokenize_conversation
-from client.train import device_model
 from edgetune import wire
+from edgetune.adapters.lora import init_adapter, model_adapter_shapes, set_adapter
+from edgetune.adapters.peft_io import load_adapter
+from edgetune.client.data import Example, Messages, collate, tokenize_conversation
+from edgetune.client.train import device_model
 from edgetune.config import RunConfig
 
 __all__ = ["Losses", "RunModels", "conversation_losses"]

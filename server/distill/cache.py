@@ -26,11 +26,10 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adapters.peft_io import atomic_save, atomic_write_text, load_tensors
-from client.data import IGNORE_INDEX, Example, Messages, collate, load_jsonl
-from client.train import autocast
-
-from .loss import teacher_topk
+from edgetune.adapters.peft_io import atomic_save, atomic_write_text, load_tensors
+from edgetune.client.data import IGNORE_INDEX, Example, Messages, collate, load_jsonl
+from edgetune.client.train import autocast
+from edgetune.server.distill.loss import teacher_topk
 
 __all__ = [
     "SHARD",

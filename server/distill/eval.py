@@ -14,11 +14,10 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from client.data import Example, collate
-from client.train import autocast
-
-from .cache import label_logits
-from .config import DistillConfig
+from edgetune.client.data import Example, collate
+from edgetune.client.train import autocast
+from edgetune.server.distill.cache import label_logits
+from edgetune.server.distill.config import DistillConfig
 
 __all__ = ["evaluate_after", "evaluate_before", "forward_speed", "heldout_loss", "pad_id", "parameter_count"]
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import KL_KINDS
+from edgetune.server.distill.config import KL_KINDS
 
 __all__ = ["KL_KINDS", "coarsen_student", "distill_loss", "divergence", "teacher_topk"]
 

@@ -14,11 +14,10 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adapters.peft_io import atomic_write_text
-
-from .checkpoint import CHECKPOINTS_DIR
-from .config import DistillConfig
-from .eval import parameter_count
+from edgetune.adapters.peft_io import atomic_write_text
+from edgetune.server.distill.checkpoint import CHECKPOINTS_DIR
+from edgetune.server.distill.config import DistillConfig
+from edgetune.server.distill.eval import parameter_count
 
 __all__ = ["SUMMARY_FILE", "render_model_card", "write_student"]
 

@@ -92,8 +92,8 @@ def _extras(cfg: RunConfig) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from server.metrics import plot_run, read_metrics, summary_table
-    from simulations.simulate import SimulationError, simulate
+    from edgetune.server.metrics import plot_run, read_metrics, summary_table
+    from edgetune.simulations.simulate import SimulationError, simulate
 
     cfg = config_from_args(args)
     run_dir = Path(cfg.run_dir)

@@ -78,7 +78,7 @@ def _launch_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig | No
 
 
 def _simulate(cfg: RunConfig, label: str) -> bool:
-    from simulations.simulate import SimulationError, simulate
+    from edgetune.simulations.simulate import SimulationError, simulate
 
     run_dir = Path(cfg.run_dir)
     if (run_dir / wire.CHECKPOINT_DIR).is_dir():
@@ -112,7 +112,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from server.audit.report import AuditError, build_report, write_report
+    from edgetune.server.audit.report import AuditError, build_report, write_report
 
     _check_options(args)
     control_dir = None if args.control in (None, _LAUNCH) else Path(args.control)

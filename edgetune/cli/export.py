@@ -83,8 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from edge_export.errors import ExportError
-    from edge_export.pipeline import ExportOptions, run_export
+    from edgetune.edge_export.errors import ExportError
+    from edgetune.edge_export.pipeline import ExportOptions, run_export
 
     if args.adapter is not None and not args.adapter.is_dir():
         print(f"edgetune export: --adapter {args.adapter}: no such folder", file=sys.stderr)

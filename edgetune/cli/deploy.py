@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from edgetune import wire
-from edgetune.commands.simulate import SIMULATE_FLAGS
+from edgetune.cli.simulate import SIMULATE_FLAGS
 from edgetune.config import ENGINES, ConfigError, RunConfig, from_flat, to_flat
 
 __all__ = ["register"]
@@ -103,8 +103,8 @@ def _register_server(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from edgetune.devicekeys import DeviceKeyError, public_key_files
-    from server.superlink import ServerError, ServerOptions, serve
-    from server.tls import ensure_certificates, user_certificates
+    from edgetune.server.superlink import ServerError, ServerOptions, serve
+    from edgetune.server.tls import ensure_certificates, user_certificates
 
     state = Path(args.state_dir).expanduser()
     own = [args.cert, args.key, args.ca_cert]
@@ -219,7 +219,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_join(args: argparse.Namespace) -> int:
-    from client.supernode import JoinOptions, join
+    from edgetune.client.supernode import JoinOptions, join
     from edgetune.devicekeys import DeviceKeyError, check_private_key
 
     data = Path(args.data)
@@ -333,8 +333,8 @@ def _round_line(row: dict) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from server.metrics import plot_run, read_metrics, summary_table
-    from server.submit import FollowOptions, submit_and_follow
+    from edgetune.server.metrics import plot_run, read_metrics, summary_table
+    from edgetune.server.submit import FollowOptions, submit_and_follow
 
     cfg = run_config(args)
     ca = None

@@ -43,7 +43,7 @@ _UNSET_DEFAULTS = {"cache_dir": "~/.cache/edgetune/distill"}
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``distill`` to the ``edgetune`` sub-commands."""
-    from server.distill.config import DistillConfig
+    from edgetune.server.distill.config import DistillConfig
 
     defaults = DistillConfig(out=Path("."))
     parser = sub.add_parser(
@@ -64,10 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from client.data import DataError
+    from edgetune.client.data import DataError
     from edgetune.models import ModelError, load_base
-    from server.distill.prune import PruneError
-    from server.distill.run import DistillConfig, distill, make_student
+    from edgetune.server.distill.prune import PruneError
+    from edgetune.server.distill.run import DistillConfig, distill, make_student
 
     given = {name: getattr(args, name) for name in _FIELD_FLAGS if getattr(args, name) is not None}
     cfg = DistillConfig(out=args.out, resume=args.resume, **given)

@@ -1,4 +1,9 @@
-"""The ``edgetune`` command line: one module per job in :mod:`edgetune.commands`.
+"""The ``edgetune`` command line, the roof of the house: nothing imports it.
+
+One module per job beside this file; each defines ``register(sub)``, which adds its parser(s)
+and sets ``handler`` (parsed arguments -> exit code). Heavy imports wait for the handler, so
+``edgetune --help`` returns at once.
+
 
 edgetune simulate                      federated simulation on this machine
 edgetune server | device | run         the same federation with real devices over gRPC
@@ -14,15 +19,15 @@ Exit codes: 0 success, 1 the job failed, 2 bad input (config, path, flag).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from edgetune.cli import audit, deploy, distill, export, rag, simulate
 from edgetune.config import ConfigError
 
 __all__ = ["main"]
 
-# In --help order. Each module's register() adds its parsers; heavy imports wait for the handler.
-_COMMANDS = ("simulate", "deploy", "rag", "export", "distill", "audit")
+# In --help order.
+_COMMANDS = (simulate, deploy, rag, export, distill, audit)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgetune", description="Federated on-device fine-tuning of small Llama models."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMANDS:
-        importlib.import_module(f"edgetune.commands.{name}").register(sub)
+    for command in _COMMANDS:
+        command.register(sub)
     return parser
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from edgetune.config import RagConfig
 
 if TYPE_CHECKING:
-    from client.rag import Hit
+    from edgetune.client.rag import Hit
 
 __all__ = ["register"]
 
@@ -87,7 +87,7 @@ def _chunk_settings(args: argparse.Namespace, stored: tuple[int, int] | None) ->
     Raises:
         ValueError: the settings are out of range.
     """
-    from client.chunking import chunk_text
+    from edgetune.client.chunking import chunk_text
 
     defaults = RagConfig()
     size, overlap = stored or (defaults.chunk_size, defaults.chunk_overlap)
@@ -100,7 +100,7 @@ def _chunk_settings(args: argparse.Namespace, stored: tuple[int, int] | None) ->
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from client.rag import RagIndex, RagIndexError
+    from edgetune.client.rag import RagIndex, RagIndexError
 
     missing = [str(p) for p in args.docs if not p.exists()]
     if missing:
@@ -147,8 +147,8 @@ def _held_sources(device_dir: Path) -> dict[str, dict]:
     """The sources an index's manifest lists (even if its chunk files are damaged)."""
     import json
 
-    from client.rag import RagIndex
     from edgetune import wire
+    from edgetune.client.rag import RagIndex
 
     try:
         return json.loads((RagIndex.folder_of(device_dir) / wire.RAG_MANIFEST_FILE).read_text())["sources"]
@@ -157,7 +157,7 @@ def _held_sources(device_dir: Path) -> dict[str, dict]:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from client.rag import RagIndex, RagIndexError
+    from edgetune.client.rag import RagIndex, RagIndexError
 
     if args.top_k < 1:
         print(f"edgetune: -k {args.top_k}: must be >= 1", file=sys.stderr)
@@ -196,7 +196,7 @@ def _print_hits(hits: list[Hit]) -> None:
 def _answer(args: argparse.Namespace, context: list[str] | None) -> str:
     from peft import PeftModel
 
-    from client.retrieval import answer_question
+    from edgetune.client.retrieval import answer_question
     from edgetune.models import load_base
 
     print(f"loading {args.base}" + (f" + adapter {args.adapter}" if args.adapter else ""), flush=True)
