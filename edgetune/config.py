@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DpConfig",
+    "EvalConfig",
     "FederationConfig",
     "LoraConfig",
     "ModelConfig",
@@ -293,6 +294,34 @@ class RagConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Answer-quality evaluation of a finished run (``edgetune eval``; ``docs/evaluation.md``)."""
+
+    enabled: bool = False
+    """``edgetune simulate`` evaluates the run when it completes (as ``edgetune eval RUN``)."""
+    baselines: bool = False
+    """Also train and evaluate local-only, centralised and personalised baselines."""
+    max_new_tokens: int = 48
+    """Greedy answer length bound, in tokens."""
+    batch_size: int = 16
+    """Questions per ``generate`` call (left-padded)."""
+    personal_steps: int = 0
+    """Local steps of the personalised baseline on top of the global adapter; 0: the run's
+    ``train.local-steps`` (one round's worth)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples per confidence interval."""
+    confidence: float = 0.95
+    """Confidence level of the intervals."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "eval.max-new-tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.batch_size >= 1, "eval.batch-size", self.batch_size, "must be >= 1")
+        _check(self.personal_steps >= 0, "eval.personal-steps", self.personal_steps, "must be >= 0 (0: local-steps)")
+        _check(self.bootstrap >= 1, "eval.bootstrap", self.bootstrap, "must be >= 1")
+        _check(0 < self.confidence < 1, "eval.confidence", self.confidence, "in (0, 1)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs."""
 
@@ -308,6 +337,7 @@ class RunConfig:
     rag: RagConfig = field(default_factory=RagConfig)
     dp: DpConfig = field(default_factory=DpConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

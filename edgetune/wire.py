@@ -60,6 +60,9 @@ UPLINKS_FILE = "uplinks.jsonl"  # what left each device, one line per reply (ser
 CANARIES_FILE = "canaries.json"  # an audit run's secrets, for the report only (server/audit)
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
+EVAL_JSON = "eval.json"  # edgetune eval: every score, budget and answer (simulations/evaluate_run.py)
+EVAL_TEXT = "eval.txt"  # edgetune eval: the verdict and the per-device table
+EVAL_PLOT = "eval.png"
 
 # Device storage layout.
 HELD_ADAPTER_FILE = "global_adapter.safetensors"

@@ -11,6 +11,7 @@ edgetune rag build | ask               a device's own document index
 edgetune export                        .pte / ONNX / ONNX Runtime training / GGUF, with parity
 edgetune distill                       a small student base model from a teacher (cloud node)
 edgetune audit RUN                     privacy audit report of a run
+edgetune eval RUN                      does federation help? answers vs base model and baselines
 edgetune <command> --help
 
 Exit codes: 0 success, 1 the job failed, 2 bad input (config, path, flag).
@@ -21,13 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgetune.cli import audit, deploy, distill, export, rag, simulate
+from edgetune.cli import audit, deploy, distill, eval, export, rag, simulate
 from edgetune.config import ConfigError
 
 __all__ = ["main"]
 
 # In --help order.
-_COMMANDS = (simulate, deploy, rag, export, distill, audit)
+_COMMANDS = (simulate, deploy, rag, export, distill, audit, eval)
 
 
 def _parser() -> argparse.ArgumentParser:
