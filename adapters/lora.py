@@ -9,6 +9,12 @@ exactly the average of the devices' weight updates.
 Adapter tensors are named as in PEFT's ``adapter_model.safetensors``
 (``base_model.model.<module>.lora_A.weight``), so the same dict is what we train, send
 (after encoding) and save.
+
+``lora.kind`` picks the adapter: ``lora``; ``dora`` (PEFT ``use_dora``: the layer computes
+``m * (W0 + s B A) / ||W0 + s B A||_row`` with a trained magnitude ``m`` per output row, named
+``...lora_magnitude_vector``, which trains and travels with B; its version-0 value is the base
+weight's row norm ``||W0||_row``, so :func:`init_adapter` needs :func:`dora_magnitudes`); or
+``binary`` (factors are ``sign(W) * s`` in the forward pass, ``adapters/binary.py``).
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import Tensor, nn
 
+from edgetune.adapters.binary import make_binary
 from edgetune.config import LoraConfig
 
 __all__ = [
     "StateDict",
     "adapter_shapes",
     "attach_lora",
+    "dora_magnitudes",
     "exchanged_names",
     "get_adapter",
     "model_adapter_shapes",
@@ -39,7 +47,10 @@ StateDict = dict[str, Tensor]
 
 
 def peft_config(lora: LoraConfig) -> PeftLoraConfig:
-    """The PEFT config for our adapter (no dropout, no bias, plain LoRA)."""
+    """The PEFT config for our adapter (no dropout, no bias; DoRA when ``lora.kind=dora``).
+
+    A binary adapter is a plain LoRA config: its deployed (binarised) weights load into one.
+    """
     return PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -47,6 +58,7 @@ def peft_config(lora: LoraConfig) -> PeftLoraConfig:
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=lora.kind == "dora",
     )
 
 
@@ -63,9 +75,16 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
             peft_model = get_peft_model(model, peft_config(lora))
     except ValueError as err:
         raise ValueError(f"lora.targets={','.join(lora.targets)} do not match this model's layers: {err}") from err
+    if lora.kind == "binary":
+        make_binary(peft_model)
     for name, param in peft_model.named_parameters():
-        param.requires_grad = ".lora_B." in name or (lora.train_a and ".lora_A." in name)
+        param.requires_grad = _travels(name, lora)
     return peft_model
+
+
+def _travels(name: str, lora: LoraConfig) -> bool:
+    """B, DoRA's magnitude, and A in both-factor mode: what trains and is exchanged."""
+    return ".lora_B." in name or ".lora_magnitude_vector" in name or (lora.train_a and ".lora_A." in name)
 
 
 def adapter_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
@@ -79,13 +98,22 @@ def model_adapter_shapes(model: PeftModel) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
 
 
-def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> StateDict:
-    """The run's version-0 adapter: A ~ U(±1/sqrt(in)) from ``seed`` (sorted names), B = 0."""
+def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int, magnitudes: StateDict | None = None) -> StateDict:
+    """The run's version-0 adapter: A ~ U(±1/sqrt(in)) from ``seed`` (sorted names), B = 0,
+    DoRA magnitudes (if any) from ``magnitudes`` (:func:`dora_magnitudes`).
+
+    Raises:
+        ValueError: ``shapes`` has DoRA magnitudes that ``magnitudes`` lacks.
+    """
     gen = torch.Generator().manual_seed(seed)
     state: StateDict = {}
     for name in sorted(shapes):
         shape = shapes[name]
-        if ".lora_A." in name:
+        if ".lora_magnitude_vector" in name:
+            if magnitudes is None or name not in magnitudes:
+                raise ValueError(f"DoRA adapter needs the base model's row norms for {name!r} (dora_magnitudes)")
+            state[name] = magnitudes[name].detach().float().clone()
+        elif ".lora_A." in name:
             bound = 1.0 / math.sqrt(shape[1])
             state[name] = (torch.rand(shape, generator=gen) * 2 - 1) * bound
         else:
@@ -95,7 +123,24 @@ def init_adapter(shapes: dict[str, tuple[int, ...]], seed: int) -> StateDict:
 
 def exchanged_names(shapes: dict[str, tuple[int, ...]], lora: LoraConfig) -> list[str]:
     """The tensors that train and travel: B only by default, A and B in both-factor mode."""
-    return sorted(n for n in shapes if ".lora_B." in n or (lora.train_a and ".lora_A." in n))
+    return sorted(n for n in shapes if _travels(n, lora))
+
+
+@torch.no_grad()
+def dora_magnitudes(model: PeftModel) -> StateDict:
+    """DoRA's version-0 magnitudes, ``||W0||_row`` (fp32), from the base layers of ``model``.
+
+    PEFT initialises ``m = ||W0 + s B A||_row``, which is ``||W0||_row`` while B is zero; computed
+    from the frozen base weights, it is the same whatever adapter is loaded. Empty for a model
+    without DoRA.
+    """
+    out: StateDict = {}
+    for name in get_peft_model_state_dict(model):
+        if ".lora_magnitude_vector" in name:
+            module = model.get_submodule(name.removesuffix(".lora_magnitude_vector"))
+            weight = module.get_base_layer().weight
+            out[name] = torch.linalg.norm(weight.detach().float(), dim=1)
+    return out
 
 
 def get_adapter(model: PeftModel) -> StateDict:

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from edgetune.adapters.binary import binarized_state
 from edgetune.adapters.lora import peft_config
 from edgetune.config import LoraConfig
 
@@ -75,8 +76,14 @@ def load_tensors(path: Path) -> StateDict:
 
 
 def save_adapter(folder: Path, state: StateDict, lora: LoraConfig, base_model: str | None) -> None:
-    """Save a full adapter (A and B) as a PEFT folder (``base_model``: a local path or None)."""
+    """Save a full adapter (A and B) as a PEFT folder (``base_model``: a local path or None).
+
+    A binary adapter (``lora.kind=binary``) is saved in its dense deployed form ``bin(W)``
+    (``adapters/binary.py``): plain PEFT then loads it with the binary forward pass.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    if lora.kind == "binary":
+        state = binarized_state(state)
     config = peft_config(lora).to_dict()
     config["base_model_name_or_path"] = base_model
     config["peft_type"] = "LORA"

@@ -72,7 +72,7 @@ def _open_round(msg: Message, context: Context) -> _Round:
     device_dir = Path(str(storage_dir)) if storage_dir else Path(str(config[wire.DEVICE_ROOT])) / device_id
     # A real device serves run after run: each run's adapter state in a folder of its own.
     storage = DeviceStorage(run_state_dir(device_dir, cfg) if storage_dir else device_dir)
-    model, tokenizer = device_model(cfg.model.base, cfg.lora)
+    model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize)
     data_path, index = str(node.get(wire.DATA_PATH, "")), int(node.get(wire.PARTITION_ID, 0))
     canaries = canary_file_for(cfg, str(config[wire.DEVICE_ROOT]))  # audit runs plant canaries
     if cfg.rag.enabled:  # each question with context from the device's own index

@@ -18,7 +18,14 @@ from torch import Tensor
 
 from edgetune.adapters.codec import Payload, apply_update, compress, decode, full_codec
 from edgetune.adapters.delta import add, clip, global_norm, scale, subtract
-from edgetune.adapters.lora import exchanged_names, get_adapter, init_adapter, model_adapter_shapes, set_adapter
+from edgetune.adapters.lora import (
+    dora_magnitudes,
+    exchanged_names,
+    get_adapter,
+    init_adapter,
+    model_adapter_shapes,
+    set_adapter,
+)
 from edgetune.client.data import iterate_batches
 from edgetune.client.examples import TokenizedDevice
 from edgetune.client.ort_engine import ORT, train_local_ort
@@ -54,10 +61,11 @@ def sync_global(storage: DeviceStorage, model: PeftModel, cfg: RunConfig, down: 
     shapes = model_adapter_shapes(model)
     sent = {k: shapes[k] for k in exchanged_names(shapes, cfg.lora)}
     codec = cfg.federation.codec
-    state, version = held if held is not None else (init_adapter(shapes, cfg.seed), 0)
+    initial = init_adapter(shapes, cfg.seed, dora_magnitudes(model))
+    state, version = held if held is not None else (initial, 0)
     if down.full is not None:
         full = decode(down.full, sent, full_codec(codec))
-        state, version = {**init_adapter(shapes, cfg.seed), **full}, down.version
+        state, version = {**initial, **full}, down.version
     for v in sorted(down.updates):
         if v <= version:
             continue

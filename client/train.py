@@ -39,9 +39,9 @@ class StepStats:
 
 
 @functools.cache
-def device_model(base: str, lora: LoraConfig) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The process-wide base model with a LoRA adapter attached (loaded once)."""
-    model, tokenizer = load_base(base)
+def device_model(base: str, lora: LoraConfig, quantize: str = "none") -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The process-wide base model (``quantize``: model.quantize) with an adapter attached (loaded once)."""
+    model, tokenizer = load_base(base, quantize)
     return attach_lora(model, lora), tokenizer
 
 

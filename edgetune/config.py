@@ -19,7 +19,7 @@ import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "AuditConfig",
@@ -45,6 +45,8 @@ ENGINES = ("pytorch", "onnxruntime")
 DP_CLIP_SITES = ("server", "device")
 DP_ACCOUNTANTS = ("rdp", "pld")
 DP_SAMPLINGS = ("poisson", "fixed")
+LORA_KINDS = ("lora", "dora", "binary")
+BASE_QUANTIZE = ("none", "int8", "int4")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -64,6 +66,13 @@ class ModelConfig:
     base: str = "smollm2"
     """``smollm2`` (the embedded SmolLM2-135M-Instruct), ``tiny`` (random test Llama), or a
     local Hugging Face folder or ``.gguf`` file of a Llama-family causal LM."""
+    quantize: Literal["none", "int8", "int4"] = "none"
+    """Weight-only quantisation of the frozen base on the device (torchao): ``none`` (fp32),
+    ``int8`` (per-channel int8) or ``int4`` (group-wise; needs CPU kernels that train through
+    it, else the device fails in one line saying why). The adapter stays fp32."""
+
+    def __post_init__(self) -> None:
+        _check(self.quantize in BASE_QUANTIZE, "model.quantize", self.quantize, f"one of {BASE_QUANTIZE}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +88,13 @@ class LoraConfig:
     train_a: bool = False
     """Both-factor mode: train and exchange A as well as B. Off by default: A stays frozen
     at its shared-seed value, which makes FedAvg over deltas exact and halves the bytes."""
+    kind: Literal["lora", "dora", "binary"] = "lora"
+    """``lora`` (plain), ``dora`` (PEFT ``use_dora``: a trained magnitude per output row that
+    travels with B) or ``binary`` (each factor is ``sign(W) * s`` in the forward pass, trained
+    through latent fp32 weights; the deployed adapter is 1 bit per parameter, docs/adapters.md)."""
 
     def __post_init__(self) -> None:
+        _check(self.kind in LORA_KINDS, "lora.kind", self.kind, f"one of {LORA_KINDS}")
         _check(self.rank >= 1, "lora.rank", self.rank, "must be >= 1")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(len(self.targets) > 0, "lora.targets", self.targets, "name at least one layer")

@@ -199,16 +199,22 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         return LlamaForCausalLM(config).eval()
 
 
-def load_base(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base(spec: str, quantize: str = "none") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model (fp32, eval mode) and its tokenizer, fully offline.
+
+    ``quantize`` (``model.quantize``: none, int8, int4) quantises the decoder's Linear weights
+    (``edgetune/quantize.py``).
 
     Raises:
         ModelError: see :func:`resolve_base`; also when the tokenizer has no chat template.
+        QuantizeError: the quantisation cannot train on this machine.
     """
+    from edgetune.quantize import load_quantized, quantize_model
+
     folder = resolve_base(spec)
     if folder is None:
         tokenizer = tiny_tokenizer()
-        return tiny_llama(len(tokenizer)), tokenizer
+        return quantize_model(tiny_llama(len(tokenizer)), quantize), tokenizer
     _go_offline()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if not tokenizer.chat_template:
@@ -216,6 +222,8 @@ def load_base(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with _quiet_progress():  # a cached safetensors load takes a second; its bar is noise
+        if quantize != "none":
+            return load_quantized(folder, quantize), tokenizer
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer
 

@@ -26,11 +26,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from torch import Tensor
 from tqdm import tqdm
 
 from edgetune import wire
+from edgetune.adapters.binary_io import save_binary_adapter
 from edgetune.adapters.codec import Payload, raw_bytes
 from edgetune.adapters.delta import lora_product_error
+from edgetune.adapters.dora import dora_base, dora_weight_error
 from edgetune.adapters.lora import adapter_shapes
 from edgetune.adapters.peft_io import atomic_write_text, save_adapter
 from edgetune.config import ConfigError, RunConfig, dumps, from_flat, to_flat
@@ -55,6 +58,7 @@ from edgetune.server.validate import Rejection, TrainReply, validate_eval, valid
 __all__ = ["FederationError", "run_federation"]
 
 log = logging.getLogger("edgetune.server")
+StateDict = dict[str, Tensor]
 
 
 class FederationError(RuntimeError):
@@ -80,7 +84,9 @@ class Federation:
         shapes = adapter_shapes(model_skeleton(cfg.model.base), cfg.lora)
         resumed = latest_checkpoint(run_dir)
         self.start_round = 1 if resumed is None else resumed[0] + 1
-        self.fed = DeltaFedAvg(shapes, cfg, None if resumed is None else resumed[1])
+        # DoRA: version-0 magnitudes and the base weights its aggregation error needs.
+        magnitudes, self.dora_w0 = dora_base(cfg.model.base, cfg.lora) if cfg.lora.kind == "dora" else (None, None)
+        self.fed = DeltaFedAvg(shapes, cfg, None if resumed is None else resumed[1], magnitudes)
         self.fp32_bytes = raw_bytes(self.fed.sent_shapes)
         self.config_json = json.dumps(to_flat(cfg))
         self.valid_replies = 0
@@ -203,13 +209,20 @@ class Federation:
             return
         weights = [float(r.num_examples) for r in valid]
         m.train_loss = float(np.average([r.metrics[wire.TRAIN_LOSS] for r in valid], weights=weights))
-        m.aggregation_error = lora_product_error(self.fed.state.adapter, [r.delta for r in valid], weights)
+        m.aggregation_error = self._aggregation_error([r.delta for r in valid], weights)
         if planned is None:
             payload: Payload | None = self.fed.aggregate([r.delta for r in valid], weights)
         else:
             payload = self._private_update(valid, m, planned[0])
         if payload is not None:
             save_update(self.run_dir, self.fed.state.version, payload)
+
+    def _aggregation_error(self, deltas: list[StateDict], weights: list[float]) -> float:
+        """How far FedAvg of the parameters is from the average of the layers' weight updates."""
+        if self.dora_w0 is not None:
+            scaling = self.cfg.lora.alpha / self.cfg.lora.rank
+            return dora_weight_error(self.dora_w0, self.fed.state.adapter, deltas, weights, scaling)
+        return lora_product_error(self.fed.state.adapter, deltas, weights)
 
     def run(self) -> str | None:
         """Run the remaining rounds; returns why the run stopped early (DP budget), else None."""
@@ -252,6 +265,9 @@ class Federation:
             write_pending(run_dir, m)
             save_checkpoint(run_dir, round_, self.fed.state)
             save_adapter(run_dir / wire.ADAPTER_DIR, self.fed.state.adapter, cfg.lora, self.base_name)
+            if cfg.lora.kind == "binary":  # the deployed form: sign bits + fp16 scales
+                adapter_dir, state = run_dir / wire.ADAPTER_DIR, self.fed.state.adapter
+                save_binary_adapter(adapter_dir, state, cfg.lora, self.base_name, cfg.seed)
             self.evaluate(round_, m, nodes)
             m.seconds = time.perf_counter() - start
             append_metrics(run_dir, m)

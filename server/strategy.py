@@ -64,13 +64,20 @@ class ServerState:
 class DeltaFedAvg:
     """The server's per-round logic (no Flower types here)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], cfg: RunConfig, state: ServerState | None = None) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        cfg: RunConfig,
+        state: ServerState | None = None,
+        magnitudes: StateDict | None = None,
+    ) -> None:
+        """``magnitudes``: DoRA's version-0 magnitudes (``adapters.dora.dora_base``), else None."""
         self.cfg = cfg
         self.codec = cfg.federation.codec
         self.names = exchanged_names(shapes, cfg.lora)
         self.sent_shapes = {k: shapes[k] for k in self.names}
         if state is None:
-            adapter = init_adapter(shapes, cfg.seed)
+            adapter = init_adapter(shapes, cfg.seed, magnitudes)
             state = ServerState(adapter, {k: adapter[k] * 0 for k in self.names})
         self.state = state
         self.node_devices: dict[int, str] = {}

@@ -69,10 +69,13 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
 
     Raises:
         SimulationError: the ServerApp failed or never reported completion.
+        QuantizeError: ``model.quantize`` cannot train on this machine (before anything starts).
     """
     from edgetune.client.app import app as client_app
+    from edgetune.quantize import check_trainable
     from edgetune.server.app import server_app_for
 
+    check_trainable(cfg.model.quantize)  # an unsupported base quantisation fails here, in one line
     run_dir = Path(cfg.run_dir)
     error: BaseException | None = None
     try:

@@ -1,0 +1,132 @@
+"""Weight-only quantisation of the frozen base model on the device (``model.quantize``).
+
+    none   fp32 base weights (the default)
+    int8   torchao ``Int8WeightOnlyConfig``: int8 weights with one fp scale per output
+           channel on every decoder Linear; embeddings and the (tied) LM head stay fp32
+    int4   torchao ``Int4WeightOnlyConfig`` (group size 32); its kernels need CUDA (or the
+           ``mslk`` GPU library) in torchao 0.18, so on a CPU it fails in one line, saying so
+
+LoRA trains on top in fp32 (PEFT wraps torchao Linears in ``TorchaoLoraLinear``): gradients
+reach the adapter through the de-quantising matmul; the base never changes. A Hugging Face
+folder is quantised while it loads (transformers' ``TorchAoConfig``), so the fp32 weights never
+all sit in memory at once; the tiny test model is quantised after it is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgetune.config import ConfigError
+
+__all__ = [
+    "QuantizeError",
+    "check_trainable",
+    "load_quantized",
+    "quantize_model",
+    "torchao_config",
+    "transformers_config",
+]
+
+
+class QuantizeError(ConfigError):
+    """The chosen base quantisation cannot run (train) on this machine (the CLI exits 2)."""
+
+
+def torchao_config(mode: str) -> Any:
+    """The torchao config for ``mode`` (``int8`` or ``int4``).
+
+    Raises:
+        QuantizeError: an unknown mode.
+    """
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    if mode == "int8":
+        return Int8WeightOnlyConfig()
+    if mode == "int4":
+        return Int4WeightOnlyConfig(group_size=32)
+    raise QuantizeError(f"model.quantize={mode!r}: choose none, int8 or int4")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _unsupported(mode: str, err: BaseException) -> QuantizeError:
+    import torchao
+
+    return QuantizeError(
+        f"model.quantize={mode} cannot train on this CPU: torchao {torchao.__version__} has no CPU kernel "
+        f"for it ({type(err).__name__}: {_first_line(err)}); use model.quantize=int8"
+    )
+
+
+def _decoder_linear(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and not fqn.endswith("lm_head")
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Quantise the decoder Linears of ``model`` in place (``mode``: none, int8, int4).
+
+    Raises:
+        QuantizeError: the mode has no kernel on this machine (int4 on a CPU).
+    """
+    if mode == "none":
+        return model
+    from torchao.quantization import quantize_
+
+    try:
+        quantize_(model, torchao_config(mode), filter_fn=_decoder_linear)
+        _probe(model)
+    except (ImportError, NotImplementedError, AssertionError, RuntimeError) as err:
+        raise _unsupported(mode, err) from err
+    return model
+
+
+def check_trainable(mode: str) -> None:
+    """Fail fast, before any model loads: quantise one small Linear and train through it.
+
+    Raises:
+        QuantizeError: ``mode`` has no kernel on this machine.
+    """
+    with torch.random.fork_rng(devices=[]):
+        quantize_model(nn.Sequential(nn.Linear(64, 64, bias=False)), mode)
+
+
+def _probe(model: nn.Module) -> None:
+    """One tiny forward and backward through the first quantised Linear: fail now, not mid-round."""
+    for name, module in model.named_modules():
+        if _decoder_linear(module, name):
+            x = torch.zeros(1, module.in_features, requires_grad=True)
+            torch.autograd.grad(module(x).sum(), x)
+            return
+
+
+def transformers_config(mode: str) -> Any:
+    """transformers' ``TorchAoConfig`` that quantises while a folder loads (None for ``none``)."""
+    if mode == "none":
+        return None
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(quant_type=torchao_config(mode), modules_to_not_convert=["lm_head"])
+
+
+def load_quantized(folder: Path, mode: str) -> nn.Module:
+    """Load a Hugging Face causal-LM folder with its decoder Linears quantised on the way in.
+
+    Raises:
+        QuantizeError: the mode has no kernel on this machine.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        config = transformers_config(mode)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=config)
+        _probe(model)
+    except (ImportError, NotImplementedError, AssertionError, RuntimeError) as err:
+        raise _unsupported(mode, err) from err
+    return model.eval()
