@@ -177,7 +177,16 @@ class FederationConfig:
     min_replies: int = 1
     """Rounds with fewer valid replies keep the old global adapter."""
     reply_timeout: float = 600.0
-    """Seconds the server waits for replies in one round."""
+    """Real deployments: seconds the server waits for replies in one round. A simulation
+    never uses it to decide who is in a round (that would make results depend on how busy
+    the machine is); it waits for every sampled device and takes dropouts from ``dropout``."""
+    max_delta_rms: float = 0.0
+    """Largest root-mean-square of a decoded train delta the server accepts; 0 derives it
+    from the training settings, 3.2 * 3 * train.local-steps * train.learning-rate (no honest
+    AdamW run moves an element further; ``server/validate.py``)."""
+    dropout: float = 0.0
+    """Simulation only: the probability that a sampled device drops out of a training round,
+    drawn from (run seed, round, device id) so that a rerun drops the same devices."""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
@@ -191,6 +200,8 @@ class FederationConfig:
         _check(self.codec in CODECS, "federation.codec", self.codec, f"one of {CODECS}")
         _check(self.min_replies >= 1, "federation.min-replies", self.min_replies, "must be >= 1")
         _check(self.reply_timeout > 0, "federation.reply-timeout", self.reply_timeout, "must be > 0")
+        _check(0 <= self.dropout < 1, "federation.dropout", self.dropout, "in [0, 1)")
+        _check(self.max_delta_rms >= 0, "federation.max-delta-rms", self.max_delta_rms, "must be >= 0 (0: derived)")
 
     @property
     def sampled(self) -> int:

@@ -24,11 +24,11 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def server_app_for(cfg: RunConfig) -> ServerApp:
-    """A ServerApp that runs ``cfg`` whatever run-config Flower passes."""
+    """A ServerApp that runs ``cfg`` in simulation, whatever run-config Flower passes."""
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg)
+        run_federation(grid, cfg, simulated=True)
 
     return bound

@@ -47,13 +47,15 @@ from edgetune.server.metrics import (
     append_metrics,
     read_metrics,
     read_pending,
+    short_round_note,
     truncate_metrics,
     write_pending,
 )
+from edgetune.server.rounds import dropouts, exchange
 from edgetune.server.sampling import private_sample
 from edgetune.server.strategy import DeltaFedAvg
 from edgetune.server.uplinks import record_uplink
-from edgetune.server.validate import Rejection, TrainReply, validate_eval, validate_train
+from edgetune.server.validate import Rejection, TrainReply, delta_rms_bound, validate_eval, validate_train
 
 __all__ = ["FederationError", "run_federation"]
 
@@ -79,8 +81,10 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 class Federation:
     """One run's server side: a :class:`DeltaFedAvg` plus the Grid, run folder and metrics."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path) -> None:
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, simulated: bool = False) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
+        # Simulation: wait for every reply, dropouts from the seeded model (server/rounds.py).
+        self.simulated = simulated
         shapes = adapter_shapes(model_skeleton(cfg.model.base), cfg.lora)
         resumed = latest_checkpoint(run_dir)
         self.start_round = 1 if resumed is None else resumed[0] + 1
@@ -117,8 +121,9 @@ class Federation:
 
     def _send(self, nodes: list[int], kind: str, round_: int) -> tuple[list[Message], int]:
         sent = [self._message(n, kind, round_) for n in nodes]
-        replies = self.grid.send_and_receive([m for m, _ in sent], timeout=self.cfg.federation.reply_timeout)
-        return list(replies), sum(b for _, b in sent)
+        timeout = None if self.simulated else self.cfg.federation.reply_timeout
+        replies = exchange(self.grid, [m for m, _ in sent], timeout, f"round {round_} {kind}")
+        return replies, sum(b for _, b in sent)
 
     def evaluate(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
         replies, down = self._send(nodes, "evaluate", round_)
@@ -152,10 +157,11 @@ class Federation:
 
     def _valid_train_replies(self, replies: list[Message], round_: int, m: RoundMetrics) -> list[TrainReply]:
         fed, max_examples = self.fed, self.cfg.train.local_steps * self.cfg.train.batch_size
+        max_rms = delta_rms_bound(self.cfg)
         valid: list[TrainReply] = []
         for reply in replies:
             record_uplink(self.run_dir, round_, "train", reply)
-            r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples, fed.state.version)
+            r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples, fed.state.version, max_rms)
             if isinstance(r, Rejection):
                 log.warning("round %d: train reply from node %d dropped: %s", round_, r.node_id, r.reason)
                 m.rejected.append(f"train, node {r.node_id}: {r.reason}")
@@ -197,7 +203,12 @@ class Federation:
             # Composed whatever the round releases: a skipped round counts too (conservative).
             self.fed.state.privacy.append(dataclasses.replace(planned[0], sampled=len(chosen)))
             m.dp_epsilon = planned[1]
-        m.dp_sampled = len(chosen)
+        m.dp_sampled = m.sampled = len(chosen)
+        if self.simulated and self.cfg.federation.dropout > 0:
+            names = {self.fed.node_devices.get(n, f"node-{n}"): n for n in chosen}
+            gone = dropouts(names, self.cfg.federation.dropout, self.cfg.seed, round_)
+            m.dropped_out = sorted(gone)
+            chosen = [n for d, n in sorted(names.items()) if d not in gone]
         replies, down = self._send(chosen, "train", round_) if chosen else ([], 0)
         m.bytes_down += down
         m.fp32_bytes_down += self.fp32_bytes * len(chosen)
@@ -272,11 +283,21 @@ class Federation:
             m.seconds = time.perf_counter() - start
             append_metrics(run_dir, m)
             bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-", replies=m.replies)
+            if m.replies < m.sampled:
+                bar.write(f"round {round_}: {short_round_note(m)}")
+        if self.valid_replies == 0 and self.start_round <= cfg.federation.rounds:
+            raise FederationError(
+                f"no device trained in rounds {self.start_round}..{cfg.federation.rounds} "
+                f"(round {m.round}: {short_round_note(m)})"
+            )
         return None
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> None:
+def run_federation(grid: Grid, cfg: RunConfig, simulated: bool = False) -> None:
     """Run (or resume) the federation described by ``cfg`` in ``cfg.run_dir``.
+
+    ``simulated``: the Grid is Flower's simulation engine, so replies are awaited without a
+    wall-clock timeout and dropouts come from ``federation.dropout`` (``server/rounds.py``).
 
     Writes ``status.json`` (``completed``, with a ``reason`` when the DP budget stopped the
     run early, or ``failed`` with the error) so callers that cannot see this thread's
@@ -290,7 +311,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> None:
         _check_resumable(run_dir, cfg)
         atomic_write_text(run_dir / wire.CONFIG_FILE, dumps(cfg))
         ensure_canaries(run_dir, cfg)  # audit runs only: secrets the devices plant, for the report
-        stopped = Federation(grid, cfg, run_dir).run()
+        stopped = Federation(grid, cfg, run_dir, simulated).run()
     except BaseException as err:
         atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
         raise

@@ -15,6 +15,7 @@ __all__ = [
     "plot_run",
     "read_metrics",
     "read_pending",
+    "short_round_note",
     "summary_table",
     "truncate_metrics",
     "write_pending",
@@ -49,7 +50,11 @@ class RoundMetrics:
     dp_skipped: str | None = None
     """Why a DP round released nothing (under quorum, nobody sampled), else None."""
     dp_sampled: int = 0
-    """Devices sampled for training this round."""
+    """Devices sampled for training this round (kept for older readers; see ``sampled``)."""
+    sampled: int = 0
+    """Devices sampled for training this round, before dropouts."""
+    dropped_out: list[str] = field(default_factory=list)
+    """Simulation: sampled devices the seeded dropout model (``federation.dropout``) took out."""
 
 
 def append_metrics(run_dir: Path, m: RoundMetrics) -> None:
@@ -91,6 +96,23 @@ def truncate_metrics(run_dir: Path, last_round: int) -> None:
     atomic_write_text(run_dir / METRICS_FILE, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept))
 
 
+def short_round_note(m: RoundMetrics | dict) -> str:
+    """Why a round closed with fewer valid replies than devices sampled, in one line.
+
+    Example:
+        >>> short_round_note({"replies": 2, "sampled": 4, "dropped_out": ["sim-1"], "rejected": ["train, node 3: x"]})
+        '2 of 4 sampled devices replied validly (1 dropped out, 1 rejected)'
+    """
+    get = m.get if isinstance(m, dict) else lambda k, d=None: getattr(m, k, d)
+    sampled, replies = get("sampled", 0) or get("dp_sampled", 0), get("replies", 0)
+    gone = len(get("dropped_out", []) or [])
+    bad = len([r for r in get("rejected", []) or [] if r.startswith("train")])
+    missing = max(sampled - replies - gone - bad, 0)
+    counts = ((gone, "dropped out"), (bad, "rejected"), (missing, "no reply"))
+    parts = [f"{n} {what}" for n, what in counts if n]
+    return f"{replies} of {sampled} sampled devices replied validly" + (f" ({', '.join(parts)})" if parts else "")
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
@@ -113,8 +135,9 @@ def summary_table(rows: list[dict]) -> str:
     that released nothing (under quorum) is marked ``*`` and still counts.
     """
     dp = any(m.get("dp_epsilon") is not None for m in rows)
-    names = ("round", "eval loss", "train loss", "up", "down", "fp32 up", "fp32 down", "x fewer") + ("epsilon",) * dp
-    widths = (5, 9, 10, 9, 9, 9, 9, 8) + (8,) * dp
+    names = ("round", "eval loss", "train loss", "replies", "up", "down", "fp32 up", "fp32 down", "x fewer")
+    names += ("epsilon",) * dp
+    widths = (5, 9, 10, 7, 9, 9, 9, 9, 8) + (8,) * dp
     head = " ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
     out = [head, "-" * len(head)]
     for m in rows:
@@ -123,11 +146,17 @@ def summary_table(rows: list[dict]) -> str:
         ratio = f"{ref / ours:.1f}" if ours else ("-" if not ref else "inf")
         ev = f"{m['eval_loss']:.4f}" if m["eval_loss"] is not None else "-"
         tr = f"{m['train_loss']:.4f}" if m["train_loss"] is not None else "-"
+        sampled = m.get("sampled") or m.get("dp_sampled", 0)
+        short = "!" if m["round"] > 0 and m["replies"] < sampled else ""  # fewer than sampled: see below
+        rep = f"{m['replies']}/{sampled}{short}" if m["round"] > 0 else "-"
         out.append(
-            f"{m['round']:>5} {ev:>9} {tr:>10} {_fmt_bytes(m['bytes_up']):>9} {_fmt_bytes(m['bytes_down']):>9} "
+            f"{m['round']:>5} {ev:>9} {tr:>10} {rep:>7} "
+            f"{_fmt_bytes(m['bytes_up']):>9} {_fmt_bytes(m['bytes_down']):>9} "
             f"{_fmt_bytes(m['fp32_bytes_up']):>9} {_fmt_bytes(m['fp32_bytes_down']):>9} {ratio:>8}"
             + (f" {_fmt_epsilon(m):>8}" if dp else "")
         )
+    short_rounds = [m for m in rows if m["round"] > 0 and m["replies"] < (m.get("sampled") or m.get("dp_sampled", 0))]
+    out.extend(f"! round {m['round']}: {short_round_note(m)}" for m in short_rounds)
     return "\n".join(out)
 
 

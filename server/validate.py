@@ -2,9 +2,13 @@
 
 A reply is dropped, with a logged reason, when it is an error, lacks a record, is for
 another round or another version, reports an example count outside
-``[1, local_steps * batch_size]`` or a metric that is not a finite number >= 0, or carries
-a delta that is larger than the adapter can need, does not parse, or whose names, dtypes,
-shapes or values do not match what the server expects. The round goes on with the rest.
+``[1, local_steps * batch_size]`` or a metric that is not a finite number >= 0 (a bool, a
+list, an integer beyond 2**53, NaN or Inf), names no device, or carries a delta that is larger
+than the adapter can need, does not parse, whose names, dtypes, shapes or values do not match
+what the server expects, or whose decoded root-mean-square exceeds the bound
+(:func:`delta_rms_bound`: no honest local training moves an element that far). The round
+goes on with the rest. Validation never raises, whatever a device sends
+(``tests/test_fuzz_replies.py`` throws 10,000 mutated replies at it).
 """
 
 from __future__ import annotations
@@ -17,11 +21,58 @@ from torch import Tensor
 
 from edgetune import wire
 from edgetune.adapters.codec import CodecError, Payload, decode, expected_payload_bytes, payload_bytes
+from edgetune.config import RunConfig
 
 _OPTIONAL = (wire.NUM_TOKENS, wire.SECONDS)  # checked when present
 _NPY_HEADER_SLACK = 1024  # bytes of .npy header allowed per array
 
-__all__ = ["EvalReply", "Rejection", "TrainReply", "validate_eval", "validate_train"]
+__all__ = ["EvalReply", "Rejection", "TrainReply", "delta_rms_bound", "validate_eval", "validate_train"]
+
+_MAX_EXACT_INT = 2**53  # beyond this an integer metric is not one float64 can hold exactly
+_MAX_DEVICE_ID = 128  # characters
+# AdamW moves an element by at most about lr (1 - beta1) / sqrt(1 - beta2) ~= 3.2 lr per step
+# (Kingma & Ba 2015, sec. 2.1); error feedback can carry up to about as much again.
+_ADAM_STEP_BOUND = 3.2
+_FEEDBACK_FACTOR = 3.0
+# Peer text (ids, metric values) quoted in a reason is cut to this many characters.
+_QUOTE = 40
+
+
+def delta_rms_bound(cfg: RunConfig) -> float:
+    """The largest root-mean-square a decoded delta may have: ``federation.max-delta-rms``,
+    or (when that is 0) ``3.2 * 3 * local_steps * learning_rate``.
+
+    An honest device's AdamW steps move each element by at most about ``3.2 lr`` per step,
+    and error feedback carries at most about twice that over, so no element, and hence no
+    root-mean-square, of an honest delta exceeds the derived bound. A 1-bit reply whose
+    scales are all 65504 (fp16's maximum) has RMS 65504 and is rejected.
+
+    Example:
+        >>> delta_rms_bound(RunConfig())  # 8 steps at 2e-3
+        0.1536
+    """
+    f, t = cfg.federation, cfg.train
+    bound = f.max_delta_rms or _ADAM_STEP_BOUND * _FEEDBACK_FACTOR * t.local_steps * t.learning_rate
+    return round(bound, 12)
+
+
+def _show(value: object) -> str:
+    """A short, safe rendering of a peer-supplied value (huge integers have no cheap repr)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_EXACT_INT:
+        return f"<integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= _QUOTE else text[: _QUOTE - 3] + "..."
+
+
+def _number(key: str, value: object) -> float:
+    """``value`` as a finite float, or ValueError naming the key (never OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"metric {key}={_show(value)} is not a finite number")
+    if isinstance(value, int) and abs(value) > _MAX_EXACT_INT:
+        raise ValueError(f"metric {key}={_show(value)} is not a finite number (beyond 2**53)")
+    if not math.isfinite(value):
+        raise ValueError(f"metric {key}={_show(value)} is not a finite number")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -57,18 +108,19 @@ def _common(msg: Message, round_: int, keys: tuple[str, ...], version: int | Non
     missing = [k for k in (wire.ROUND, wire.HELD_VERSION, *keys) if k not in metrics]
     if missing:
         raise ValueError(f"metrics lack {missing}")
-    if metrics[wire.ROUND] != round_:
-        raise ValueError(f"reply is for round {metrics[wire.ROUND]}, not {round_}")
+    got_round = metrics[wire.ROUND]
+    if isinstance(got_round, bool) or not isinstance(got_round, int) or got_round != round_:
+        raise ValueError(f"reply is for round {_show(got_round)}, not {round_}")
     for key in (*keys, *(k for k in _OPTIONAL if k in metrics)):
-        value = metrics[key]
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"metric {key}={value!r} is not a finite number")
-        if value < 0:
-            raise ValueError(f"metric {key}={value!r} outside [0, inf)")
+        if _number(key, metrics[key]) < 0:
+            raise ValueError(f"metric {key}={_show(metrics[key])} outside [0, inf)")
     held = metrics[wire.HELD_VERSION]
-    if not isinstance(held, int) or held < 0 or (version is not None and held != version):
-        raise ValueError(f"held-version={held!r}, expected {'an integer >= 0' if version is None else version}")
-    return str(content.config_records[wire.DEVICE].get(wire.DEVICE_ID, "")), metrics
+    if isinstance(held, bool) or not isinstance(held, int) or held < 0 or (version is not None and held != version):
+        raise ValueError(f"held-version={_show(held)}, expected {'an integer >= 0' if version is None else version}")
+    device = content.config_records[wire.DEVICE].get(wire.DEVICE_ID, "")
+    if not isinstance(device, str) or not 1 <= len(device) <= _MAX_DEVICE_ID or not device.isprintable():
+        raise ValueError(f"device-id={_show(device)} is not 1-{_MAX_DEVICE_ID} printable characters")
+    return device, metrics
 
 
 def _arrays(msg: Message, shapes: dict[str, tuple[int, ...]], codec: str) -> Payload:
@@ -96,17 +148,23 @@ def validate_train(
     codec: str,
     max_examples: int,
     version: int | None = None,
+    max_rms: float = math.inf,
 ) -> TrainReply | Rejection:
-    """Check a train reply (sent for ``round_`` to a device synced to ``version``); decode its delta."""
+    """Check a train reply (sent for ``round_`` to a device synced to ``version``); decode its delta.
+
+    ``max_rms``: the largest root-mean-square the decoded delta may have
+    (:func:`delta_rms_bound`).
+    """
     node = msg.metadata.src_node_id
     try:
         device, metrics = _common(msg, round_, (wire.NUM_EXAMPLES, wire.TRAIN_LOSS), version)
         n = metrics[wire.NUM_EXAMPLES]
-        if not isinstance(n, int) or not 1 <= n <= max_examples:
-            raise ValueError(f"num-examples={n!r} outside [1, {max_examples}]")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_examples:
+            raise ValueError(f"num-examples={_show(n)} outside [1, {max_examples}]")
         payload = _arrays(msg, shapes, codec)
         delta = decode(payload, shapes, codec)
-    except (ValueError, TypeError, KeyError, CodecError) as err:
+        _check_size(delta, max_rms)
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError, CodecError) as err:
         return Rejection(node, str(err))
     return TrainReply(node, device, delta, n, metrics, payload_bytes(payload))
 
@@ -116,6 +174,15 @@ def validate_eval(msg: Message, round_: int, version: int | None = None) -> Eval
     node = msg.metadata.src_node_id
     try:
         device, metrics = _common(msg, round_, (wire.EVAL_LOSS, wire.NUM_TOKENS), version)
-    except (ValueError, TypeError, KeyError) as err:
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as err:
         return Rejection(node, str(err))
     return EvalReply(node, device, metrics)
+
+
+def _check_size(delta: dict[str, Tensor], max_rms: float) -> None:
+    """Refuse a decoded delta whose root-mean-square exceeds ``max_rms`` (fp64 sums)."""
+    squares = sum(float(v.double().square().sum()) for v in delta.values())
+    count = sum(v.numel() for v in delta.values())
+    rms = math.sqrt(squares / max(count, 1))
+    if rms > max_rms:
+        raise ValueError(f"delta root-mean-square {rms:.4g} > bound {max_rms:.4g} (federation.max-delta-rms)")

@@ -151,15 +151,41 @@ def test_ort_step_matches_pytorch_step(ort_export: tuple[PeftModel, Path]) -> No
         loss_sum, count = summed_loss(model, batch)
     assert n == count and ort_loss == pytest.approx(float(loss_sum) / count, rel=1e-5)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    lr = 1e-2
+    params = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, eps=ort_training.ADAMW_EPS, weight_decay=0.0)
     loss_sum, count = summed_loss(model, batch)
     (loss_sum / count).backward()
+    grads = {n: p.grad.detach().clone() for n, p in params.items()}
     optimizer.step()
     torch_after, ort_after = get_adapter(model), trainer.adapter()
     set_adapter(model, start)
     for name in start:
-        torch.testing.assert_close(ort_after[name], torch_after[name], atol=1e-5, rtol=1e-4)
+        _assert_first_adamw_step_close(ort_after[name], torch_after[name], grads.get(name), lr, start[name])
+
+
+def _assert_first_adamw_step_close(
+    ort: torch.Tensor, ref: torch.Tensor, grad: torch.Tensor | None, lr: float, before: torch.Tensor
+) -> None:
+    """The tolerance of one AdamW step from the arithmetic, not from one machine's result.
+
+    The first step (bias-corrected, no weight decay) is ``p - lr g / (|g| + eps)``. Both
+    engines compute ``g`` in fp32 with a different summation order, an error far below 1% of
+    any ``|g| >= 1000 eps`` here; there the step's sensitivity ``lr eps / |g|`` keeps the two
+    results within ``lr * 1e-5`` plus fp32 rounding of ``p`` (so 1e-6 + 1e-6 |p|). Where
+    ``|g| < 1000 eps`` a last-bit change of ``g`` can move the step anywhere in
+    ``[-lr, lr]``, so only ``|difference| <= 2 lr`` holds for every machine. A tensor with no
+    gradient (frozen A) must not move at all.
+    """
+    if grad is None:
+        torch.testing.assert_close(ort, before, atol=0.0, rtol=0.0)
+        torch.testing.assert_close(ref, before, atol=0.0, rtol=0.0)
+        return
+    steady = grad.abs() >= 1000 * ort_training.ADAMW_EPS
+    bound = torch.where(steady, 1e-6 + 1e-6 * ref.abs(), torch.full_like(ref, 2 * lr + 1e-6))
+    diff = (ort - ref).abs()
+    assert bool((diff <= bound).all()), f"max excess {float((diff - bound).max()):.3g} ({int(steady.sum())} steady)"
+    assert int(steady.sum()) >= steady.numel() // 2, "too few well-conditioned elements for the test to mean much"
 
 
 def test_ort_steps_lower_loss_and_touch_only_lora_b(ort_export: tuple[PeftModel, Path]) -> None:

@@ -436,9 +436,13 @@ class ScriptedGrid:
 
     BAD_NODE = 12
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], bad_kind: str, bad: dict[str, float]) -> None:
+    def __init__(
+        self, shapes: dict[str, tuple[int, ...]], bad_kind: str, bad: dict[str, float], bad_nodes: tuple[int, ...] = ()
+    ) -> None:
         self.shapes, self.bad_kind, self.bad = shapes, bad_kind, bad
+        self.bad_nodes = bad_nodes or (self.BAD_NODE,)
         self.nodes = [11, 12, 13]
+        self.outbox: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -457,13 +461,26 @@ class ScriptedGrid:
             metrics.update({wire.NUM_EXAMPLES: 2, wire.TRAIN_LOSS: 3.0, wire.NUM_TOKENS: 50, wire.SECONDS: 0.1})
         else:
             metrics.update({wire.EVAL_LOSS: 3.0, wire.NUM_TOKENS: 40})
-        if node == self.BAD_NODE and kind == self.bad_kind:
+        if node in self.bad_nodes and kind == self.bad_kind:
             metrics.update(self.bad)
         content[wire.METRICS] = MetricRecord(metrics)
         return Message(content, reply_to=msg)
 
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
         return [self._answer(m) for m in messages]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        """The simulation engine's path (``server/rounds.py``): push, then pull the replies."""
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.outbox) + i}"
+            ids.append(msg.metadata.message_id)
+        for msg in messages:
+            self.outbox[msg.metadata.message_id] = self._answer(msg)
+        return ids
+
+    def pull_messages(self, message_ids: set[str]) -> list[Message]:
+        return [self.outbox.pop(i) for i in sorted(message_ids) if i in self.outbox]
 
 
 @pytest.mark.parametrize(
@@ -505,3 +522,76 @@ def test_one_device_with_bad_metrics_never_ends_the_run(
     bad_train = kind == "train" and bool(bad)
     assert [m["replies"] for m in rows[1:]] == [2 if bad_train else 3] * 2
     assert all(m["version"] == m["round"] for m in rows)
+
+
+def _scripted_config(run_dir: Path, **federation: object) -> RunConfig:
+    fed = {"rounds": 2, "num_devices": 3, "reply_timeout": 5.0, **federation}
+    return RunConfig(
+        seed=0,
+        run_dir=str(run_dir),
+        model=ModelConfig(base="tiny"),
+        lora=LoraConfig(rank=2),
+        federation=FederationConfig(**fed),  # type: ignore[arg-type]
+    )
+
+
+def _scripted_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    all_shapes = adapter_shapes(model_skeleton("tiny"), cfg.lora)
+    return {k: all_shapes[k] for k in exchanged_names(all_shapes, cfg.lora)}
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in {"_run_id": 1, "_task_id": 1, "_node_id": SERVER_NODE}.items():
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_simulated_dropouts_come_from_the_seed_and_are_reported(tmp_path: Path, server_identity: None) -> None:
+    from edgetune.adapters.peft_io import load_adapter
+    from edgetune.server.federation import run_federation
+    from edgetune.server.metrics import read_metrics, summary_table
+    from edgetune.server.rounds import dropouts
+
+    finals = []
+    for name in ("a", "b"):
+        cfg = _scripted_config(tmp_path / name, rounds=4, dropout=0.4)
+        run_federation(ScriptedGrid(_scripted_shapes(cfg), "train", {}), cfg, simulated=True)  # type: ignore[arg-type]
+        rows = read_metrics(tmp_path / name)
+        devices = ["dev-11", "dev-12", "dev-13"]
+        expected = [sorted(dropouts(devices, 0.4, 0, r)) for r in range(1, 5)]
+        assert [m["dropped_out"] for m in rows[1:]] == expected
+        assert [m["replies"] for m in rows[1:]] == [3 - len(d) for d in expected]
+        assert all(m["sampled"] == 3 for m in rows[1:])
+        assert any(expected), "seed 0 should drop someone in 4 rounds at p=0.4; pick another seed"
+        table = summary_table(rows)
+        short = next(r for r, d in enumerate(expected, start=1) if d)
+        assert f"! round {short}: {3 - len(expected[short - 1])} of 3 sampled devices replied validly" in table
+        finals.append(load_adapter(tmp_path / name / wire.ADAPTER_DIR))
+    for key, value in finals[0].items():
+        assert torch.equal(value, finals[1][key])
+
+
+def test_dropouts_are_independent_per_device_and_repeatable() -> None:
+    from edgetune.server.rounds import dropouts
+
+    devices = [f"sim-{i}" for i in range(2000)]
+    dropped = dropouts(devices, 0.1, seed=3, round_=2)
+    assert dropped == dropouts(reversed(devices), 0.1, seed=3, round_=2)  # order does not matter
+    assert dropped != dropouts(devices, 0.1, seed=3, round_=3)
+    assert 140 <= len(dropped) <= 260  # Binomial(2000, 0.1): mean 200, sd 13.4; +-4.5 sd
+    assert dropouts(devices, 0.0, seed=3, round_=2) == set()
+    with pytest.raises(ValueError, match="in \\[0, 1\\)"):
+        dropouts(devices, 1.0, seed=3, round_=2)
+
+
+def test_a_run_in_which_no_device_trains_ends_failed(tmp_path: Path, server_identity: None) -> None:
+    from edgetune.server.federation import FederationError, run_federation
+
+    cfg = _scripted_config(tmp_path / "run")
+    grid = ScriptedGrid(_scripted_shapes(cfg), "train", {wire.NUM_EXAMPLES: 0}, bad_nodes=(11, 12, 13))
+    with pytest.raises(FederationError, match="no device trained in rounds 1..2"):
+        run_federation(grid, cfg, simulated=True)  # type: ignore[arg-type]
+    status = json.loads((tmp_path / "run" / wire.STATUS_FILE).read_text())
+    assert status["status"] == "failed" and "0 of 3 sampled devices replied validly (3 rejected)" in status["error"]

@@ -1,6 +1,6 @@
 """Privacy audit of a finished run: the DP guarantee, what left each device, empirical tests.
 
-canaries.py    secret canaries for audit runs (OS entropy), written to the run folder
+canaries.py    secret canaries for audit runs (seeded by the run seed), written to the run folder
 exposure.py    canary exposure (Carlini et al.) from losses, pure
 membership.py  membership-inference figures (ROC AUC, TPR at low FPR, CIs, DP bound), pure
 scoring.py     per-conversation losses under the final and the base model

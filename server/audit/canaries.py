@@ -1,18 +1,21 @@
-"""Secret canaries for audit runs: random PINs drawn from the operating system's entropy.
+"""Secret canaries for audit runs: random PINs drawn from the run seed.
 
 A canary is one conversation, ``user: What is my PIN code?`` / ``assistant: My PIN code is
 83920174.``, whose 8 digits are the secret. An audit run (``audit.canaries`` = N > 0) draws
-2N secrets with :mod:`secrets` (never the run seed, so nobody can re-derive them), plants N of
+2N secrets from a generator seeded by (run seed, "canaries"), plants N of
 them in the training split of devices ``0..canary_devices-1`` (round-robin, each repeated
 ``canary_repeats`` times; see ``client/examples.py``) and keeps the other N as never-planted
-controls. Which half is planted is itself random. Everything is written once, at the start of
-the run, to ``run_dir/canaries.json``: the report reads it; nothing else should.
+controls. Which half is planted is itself random. The secrets only have to be independent of
+the training data and the model, which a seeded draw is; seeding makes an audit (and its
+test) repeatable: the same run seed plants the same canaries on every machine. Everything is
+written once, at the start of the run, to ``run_dir/canaries.json``: the report reads it; nothing else should.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import secrets
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ __all__ = [
     "CANARY_DIGITS",
     "CanarySet",
     "canary_messages",
+    "canary_rng",
     "ensure_canaries",
     "random_secrets",
     "read_canaries",
@@ -40,13 +44,18 @@ def canary_messages(secret: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": ANSWER.format(secret=secret)}]
 
 
-def random_secrets(count: int) -> list[str]:
-    """``count`` distinct zero-padded 8-digit secrets from OS entropy, e.g. ``"03920174"``."""
+def canary_rng(seed: int) -> random.Random:
+    """The generator an audit run with run seed ``seed`` draws its canaries from."""
+    return random.Random(int.from_bytes(hashlib.sha256(f"edgetune-canaries:{seed}".encode()).digest()[:8], "little"))
+
+
+def random_secrets(count: int, rng: random.Random) -> list[str]:
+    """``count`` distinct zero-padded 8-digit secrets drawn from ``rng``, e.g. ``"03920174"``."""
     drawn: set[str] = set()
     while len(drawn) < count:
-        drawn.add(f"{secrets.randbelow(10**CANARY_DIGITS):0{CANARY_DIGITS}d}")
+        drawn.add(f"{rng.randrange(10**CANARY_DIGITS):0{CANARY_DIGITS}d}")
     ordered = sorted(drawn)
-    secrets.SystemRandom().shuffle(ordered)
+    rng.shuffle(ordered)
     return ordered
 
 
@@ -76,8 +85,9 @@ def _draw(cfg: RunConfig) -> CanarySet:
         raise ConfigError(
             f"config audit.canary-devices={a.canary_devices}: more than federation.num-devices={f.num_devices}"
         )
-    pool = random_secrets(2 * a.canaries)
-    chosen = set(secrets.SystemRandom().sample(range(len(pool)), a.canaries))
+    rng = canary_rng(cfg.seed)
+    pool = random_secrets(2 * a.canaries, rng)
+    chosen = set(rng.sample(range(len(pool)), a.canaries))
     planted = [s for i, s in enumerate(pool) if i in chosen]
     unplanted = [s for i, s in enumerate(pool) if i not in chosen]
     return CanarySet(

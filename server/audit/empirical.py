@@ -1,7 +1,8 @@
 """The empirical privacy tests of one finished simulation run.
 
 Canary exposure (audit runs only): every planted and never-planted canary is scored under the
-final model against ``references`` fresh random secrets of the same format (OS entropy);
+final model against ``references`` fresh random secrets of the same format (drawn from a generator seeded by the
+run's canaries, so a rerun of the report scores the same references);
 see :mod:`server.audit.exposure`.
 
 Membership inference on the devices' own examples: members are the conversations of the
@@ -17,6 +18,7 @@ against the bound the test is held to.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,8 @@ def _canary_test(run_dir: Path, models: RunModels, references: int, bound: Bound
     if canaries is None:
         return None
     taken = {c["secret"] for c in canaries.planted + canaries.unplanted}
-    refs = [s for s in random_secrets(references + len(taken)) if s not in taken][:references]
+    rng = random.Random("references:" + ",".join(sorted(taken)))
+    refs = [s for s in random_secrets(references + len(taken), rng) if s not in taken][:references]
     ref_loss = models.losses(models.encode([canary_messages(s) for s in refs]), "final", "canary references").total
     planted = models.losses(models.encode([c["messages"] for c in canaries.planted]), "final").total
     unplanted = models.losses(models.encode([c["messages"] for c in canaries.unplanted]), "final").total
