@@ -64,3 +64,62 @@ def test_simulate_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["simulate", "--resume", str(run), "--rounds", "3"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
+
+
+# ---- inputs checked before Ray starts ---------------------------------------------------------
+
+
+def _bad_data(tmp: Path, case: str) -> tuple[Path, str]:
+    """A bad --data file and the start of the one line that must name it."""
+    path = tmp / f"{case}.jsonl"
+    good = json.dumps({"prompt": "What is 2 plus 2?", "response": "4."}) + "\n"
+    if case == "missing":
+        return path, f"{path}: data file not found"
+    if case == "broken-line":
+        path.write_text(good * 3 + '{"prompt": "a", "response": \n')
+        return path, f"{path}:4: invalid JSON"
+    if case == "wrong-fields":
+        path.write_text(good + json.dumps({"prompt": "a", "answer": "b"}) + "\n")
+        return path, f"{path}:2: keys ['answer', 'prompt']"
+    if case == "empty":
+        path.write_text("\n")
+        return path, f"{path}: file holds no conversations"
+    if case == "not-utf8":
+        path.write_bytes(good.encode() + b'{"prompt": "\xff", "response": "b"}\n')
+        return path, f"{path}:2: not valid UTF-8"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "broken-line", "wrong-fields", "empty", "not-utf8"])
+def test_bad_data_exits_2_with_one_line_before_ray_starts(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    data, expected = _bad_data(tmp_path, case)
+    argv = ["simulate", "--base", "tiny", "--devices", "2", "--data", str(data), "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"edgetune: --data: {expected}"), lines
+    err = lines[0]
+    assert "Traceback" not in err and not ray.is_initialized()
+    assert not (tmp_path / "run" / wire.STATUS_FILE).exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--devices", "10000"], "--data chatterbot for --devices 10000 (device 0): 21 slices cannot fill 10000"),
+        (["--base", "EMPTY"], "has no config.json: not a Hugging Face model folder"),
+        (["--base", "NOWHERE"], "no such file or folder"),
+    ],
+)
+def test_bad_base_or_device_count_exits_2_at_once(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "EMPTY").mkdir()
+    flags = [str(tmp_path / f) if f in ("EMPTY", "NOWHERE") else f for f in flags]
+    argv = ["simulate", "--base", "tiny", *flags, "--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

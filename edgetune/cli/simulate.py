@@ -93,6 +93,7 @@ def _extras(cfg: RunConfig) -> str:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from edgetune.server.metrics import plot_run, read_metrics, summary_table
+    from edgetune.simulations.preflight import check_inputs
     from edgetune.simulations.simulate import SimulationError, simulate
 
     cfg = config_from_args(args)
@@ -106,6 +107,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f"base={cfg.model.base}, codec={f.codec}{_extras(cfg)}, run folder {run_dir}",
         flush=True,
     )
+    problem = check_inputs(cfg)  # in this process, before Ray starts: one line, exit 2
+    if problem:
+        print(f"edgetune: {problem}", file=sys.stderr)
+        return 2
     try:
         simulate(cfg, verbose=args.verbose)
     except SimulationError as err:
@@ -117,9 +122,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if stopped:  # the DP budget ended the run early
         print(f"edgetune: stopped early: {stopped}")
     plots = plot_run(run_dir)
-    first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
+    first, last = (f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-" for r in (rows[0], rows[-1]))
     print(
-        f"held-out loss {first:.4f} -> {last:.4f}; adapter: {run_dir / wire.ADAPTER_DIR}; plots: "
+        f"held-out loss {first} -> {last}; adapter: {run_dir / wire.ADAPTER_DIR}; plots: "
         + ", ".join(str(p) for p in plots)
     )
     return 0
