@@ -9,6 +9,7 @@ on a real device.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,23 @@ def _open_round(msg: Message, context: Context) -> _Round:
     return _Round(cfg, storage, model, tokenizer.pad_token_id, data, state, int(config[wire.ROUND]), version, device_id)
 
 
+def _clock() -> tuple[float, float]:
+    """(wall, CPU) seconds now; CPU is this process's time (all its threads)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _phases(start: tuple[float, float], synced: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds of the sync phase (message to synced adapter: data, model,
+    downlink) and of the work after it (training and encoding, or the held-out loop)."""
+    end = _clock()
+    return {
+        wire.SYNC_SECONDS: synced[0] - start[0],
+        wire.SYNC_CPU_SECONDS: synced[1] - start[1],
+        wire.SECONDS: end[0] - synced[0],
+        wire.CPU_SECONDS: end[1] - synced[1],
+    }
+
+
 def _reply(msg: Message, r: _Round, metrics: dict[str, float | int], delta: Payload | None = None) -> Message:
     content = RecordDict(
         {
@@ -99,14 +117,16 @@ def _reply(msg: Message, r: _Round, metrics: dict[str, float | int], delta: Payl
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Sync, train K local steps, reply with the encoded delta."""
+    start = _clock()
     r = _open_round(msg, context)
+    synced = _clock()
     engine = select_engine(r.cfg, context.node_config)  # pytorch, or onnxruntime for this device
     payload, stats, n = train_round(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round, engine)
     metrics = {
         wire.NUM_EXAMPLES: n,
         wire.TRAIN_LOSS: stats.loss,
         wire.NUM_TOKENS: stats.seen_tokens,
-        wire.SECONDS: stats.seconds,
+        **_phases(start, synced),
     }
     return _reply(msg, r, metrics, payload)
 
@@ -114,12 +134,14 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Sync, report held-out loss of the global adapter."""
+    start = _clock()
     r = _open_round(msg, context)
+    synced = _clock()
     stats = eval_round(r.model, r.pad_id, r.data, r.global_state, r.cfg)
     metrics = {
         wire.EVAL_LOSS: stats.loss,
         wire.NUM_TOKENS: stats.tokens,
         wire.NUM_EXAMPLES: len(r.data.heldout),
-        wire.SECONDS: stats.seconds,
+        **_phases(start, synced),
     }
     return _reply(msg, r, metrics)

@@ -187,6 +187,15 @@ class FederationConfig:
     dropout: float = 0.0
     """Simulation only: the probability that a sampled device drops out of a training round,
     drawn from (run seed, round, device id) so that a rerun drops the same devices."""
+    eval_every: int = 1
+    """Evaluate the global adapter every k-th round (round 0 and the last round always)."""
+    eval_devices: int = 0
+    """Devices that evaluate when a round evaluates: a fixed seeded sample; 0 means all."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in the run folder (the newest is the one a resume needs)."""
+    checkpoint_every: int = 0
+    """Also keep every k-th round's checkpoint as a snapshot (0: none); snapshots hold the
+    adapter and server state but not the update chain (resume uses the newest)."""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "federation.rounds", self.rounds, "must be >= 1")
@@ -202,6 +211,15 @@ class FederationConfig:
         _check(self.reply_timeout > 0, "federation.reply-timeout", self.reply_timeout, "must be > 0")
         _check(0 <= self.dropout < 1, "federation.dropout", self.dropout, "in [0, 1)")
         _check(self.max_delta_rms >= 0, "federation.max-delta-rms", self.max_delta_rms, "must be >= 0 (0: derived)")
+        _check(self.eval_every >= 1, "federation.eval-every", self.eval_every, "must be >= 1")
+        _check(
+            0 <= self.eval_devices <= self.num_devices,
+            "federation.eval-devices",
+            self.eval_devices,
+            f"in [0, num-devices={self.num_devices}] (0: all)",
+        )
+        _check(self.keep_checkpoints >= 1, "federation.keep-checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.checkpoint_every >= 0, "federation.checkpoint-every", self.checkpoint_every, ">= 0 (0: none)")
 
     @property
     def sampled(self) -> int:

@@ -6,7 +6,7 @@ A downlink (server -> device) message carries:
     ``full``    ArrayRecord (optional): the whole global adapter in fp16, replacing its copy
 An uplink (device -> server) reply carries:
     ``delta``   ArrayRecord: the encoded adapter delta (train replies only)
-    ``metrics`` MetricRecord: round, held version, examples, loss, tokens, seconds
+    ``metrics`` MetricRecord: round, held version, examples, loss, tokens, seconds (wall, CPU, sync)
     ``device``  ConfigRecord: the device's stable id
 """
 
@@ -32,7 +32,10 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 NUM_TOKENS = "num-tokens"
-SECONDS = "seconds"
+SECONDS = "seconds"  # wall seconds of the local steps (train) or the held-out loop (evaluate)
+CPU_SECONDS = "cpu-seconds"  # the same in the device process's CPU time
+SYNC_SECONDS = "sync-seconds"  # wall seconds from message to synced adapter (data, model, downlink)
+SYNC_CPU_SECONDS = "sync-cpu-seconds"
 
 # Encoded-tensor key suffixes: "<tensor name>:<part>".
 PART_SEP = ":"

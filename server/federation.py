@@ -7,8 +7,12 @@ Round ``t`` (1..R):
     3. validate every reply, drop bad ones with a logged reason
     4. FedAvg over the valid deltas (if at least ``min_replies``), server error feedback;
        under DP: clip, noise and uniform mean first (``server/dp.py``), ledger in the checkpoint
-    5. write the update and the checkpoint atomically
-    6. every device evaluates the new global adapter on its held-out split
+    5. write the update and the checkpoint atomically; prune old checkpoints and updates
+       (``federation.keep-checkpoints``, ``federation.checkpoint-every``)
+    6. every ``federation.eval-every``-th round and the last, the devices (all, or a fixed
+       sample of ``federation.eval-devices``) evaluate the new global adapter
+Each round's time is split into sync, train, evaluate (device-reported), aggregate and io
+(server), wall and CPU seconds (``RoundMetrics.wall_seconds`` / ``cpu_seconds``).
 Round 0 evaluates the initial adapter. A resumed run first re-evaluates the checkpoint's
 adapter (which also tells the server which device sits on which node, and completes that
 round's metrics line if the crash came before it), then goes on.
@@ -40,14 +44,16 @@ from edgetune.config import ConfigError, RunConfig, dumps, from_flat, to_flat
 from edgetune.models import model_skeleton, resolve_base
 from edgetune.server.accounting import RoundEvent, epsilon, next_event
 from edgetune.server.audit.canaries import ensure_canaries
-from edgetune.server.checkpoint import latest_checkpoint, save_checkpoint, save_update
+from edgetune.server.checkpoint import latest_checkpoint, prune_run, save_checkpoint, save_update
 from edgetune.server.dp import mean_denominator, noise_generator, private_mean
 from edgetune.server.metrics import (
     RoundMetrics,
+    add_phase,
     append_metrics,
     read_metrics,
     read_pending,
     short_round_note,
+    timed_phase,
     truncate_metrics,
     write_pending,
 )
@@ -138,6 +144,7 @@ class Federation:
                 m.rejected.append(f"evaluate, node {r.node_id}: {r.reason}")
                 continue
             self.fed.record_device(r.node_id, r.device_id, int(r.metrics[wire.HELD_VERSION]))
+            _add_device_phases(m, "evaluate", r.metrics)
             losses.append(float(r.metrics[wire.EVAL_LOSS]))
             tokens.append(float(r.metrics[wire.NUM_TOKENS]))
             m.per_device.setdefault(r.device_id, {})["eval_loss"] = losses[-1]
@@ -172,6 +179,7 @@ class Federation:
             m.fp32_bytes_up += self.fp32_bytes
             m.train_tokens += int(r.metrics.get(wire.NUM_TOKENS, 0))
             m.train_seconds += float(r.metrics.get(wire.SECONDS, 0.0))
+            _add_device_phases(m, "train", r.metrics)
             m.per_device.setdefault(r.device_id, {})["train_loss"] = float(r.metrics[wire.TRAIN_LOSS])
         m.replies = len(valid)
         self.valid_replies += len(valid)
@@ -212,21 +220,49 @@ class Federation:
         replies, down = self._send(chosen, "train", round_) if chosen else ([], 0)
         m.bytes_down += down
         m.fp32_bytes_down += self.fp32_bytes * len(chosen)
+        with timed_phase(m, "aggregate"):
+            payload = self._aggregate(round_, m, replies, planned)
+        if payload is not None:
+            with timed_phase(m, "io"):
+                save_update(self.run_dir, self.fed.state.version, payload)
+
+    def _aggregate(
+        self, round_: int, m: RoundMetrics, replies: list[Message], planned: tuple[RoundEvent, float] | None
+    ) -> Payload | None:
+        """Validate the train replies and aggregate them; the payload devices will apply, or None."""
         valid = self._valid_train_replies(replies, round_, m)
         if len(valid) < self.cfg.federation.min_replies:
             reason = f"{len(valid)} valid replies < federation.min-replies {self.cfg.federation.min_replies}"
             log.warning("round %d: %s; global adapter unchanged", round_, reason)
             m.dp_skipped = reason if planned is not None else None
-            return
+            return None
         weights = [float(r.num_examples) for r in valid]
         m.train_loss = float(np.average([r.metrics[wire.TRAIN_LOSS] for r in valid], weights=weights))
         m.aggregation_error = self._aggregation_error([r.delta for r in valid], weights)
         if planned is None:
-            payload: Payload | None = self.fed.aggregate([r.delta for r in valid], weights)
-        else:
-            payload = self._private_update(valid, m, planned[0])
-        if payload is not None:
-            save_update(self.run_dir, self.fed.state.version, payload)
+            return self.fed.aggregate([r.delta for r in valid], weights)
+        return self._private_update(valid, m, planned[0])
+
+    def _evaluates(self, round_: int) -> bool:
+        """Whether round ``round_`` evaluates: every ``eval-every``-th and the last."""
+        f = self.cfg.federation
+        return round_ % f.eval_every == 0 or round_ == f.rounds
+
+    def _eval_nodes(self, nodes: list[int]) -> list[int]:
+        """All nodes, or a sample of ``eval-devices`` fixed for the run (seeded by the run seed)."""
+        k = self.cfg.federation.eval_devices
+        if k == 0 or k >= len(nodes):
+            return nodes
+        return sorted(int(n) for n in np.random.default_rng([self.cfg.seed, 1]).choice(nodes, size=k, replace=False))
+
+    def _save(self, round_: int) -> None:
+        f = self.cfg.federation
+        save_checkpoint(self.run_dir, round_, self.fed.state)
+        save_adapter(self.run_dir / wire.ADAPTER_DIR, self.fed.state.adapter, self.cfg.lora, self.base_name)
+        if self.cfg.lora.kind == "binary":  # the deployed form: sign bits + fp16 scales
+            adapter_dir, state = self.run_dir / wire.ADAPTER_DIR, self.fed.state.adapter
+            save_binary_adapter(adapter_dir, state, self.cfg.lora, self.base_name, self.cfg.seed)
+        prune_run(self.run_dir, f.keep_checkpoints, f.checkpoint_every)
 
     def _aggregation_error(self, deltas: list[StateDict], weights: list[float]) -> float:
         """How far FedAvg of the parameters is from the average of the layers' weight updates."""
@@ -248,7 +284,7 @@ class Federation:
         first = pending or RoundMetrics(round=done, version=self.fed.state.version)
         if cfg.dp.enabled and first.dp_epsilon is None:
             first.dp_epsilon = epsilon(self.fed.state.privacy, cfg.dp.accountant, cfg.dp.delta)
-        self.evaluate(done, first, nodes)
+        self.evaluate(done, first, self._eval_nodes(nodes))
         if not logged:
             append_metrics(run_dir, first)
         bar = tqdm(
@@ -260,7 +296,7 @@ class Federation:
         )
         bar.set_postfix(eval_loss=f"{first.eval_loss:.4f}" if first.eval_loss is not None else "-")
         for round_ in bar:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             planned = self.plan_privacy(round_, len(nodes)) if cfg.dp.enabled else None
             if planned is not None and 0 < cfg.dp.max_epsilon < planned[1]:
                 reason = (
@@ -273,14 +309,12 @@ class Federation:
             m = RoundMetrics(round=round_, version=self.fed.state.version)
             self.train(round_, m, nodes, planned)
             m.version = self.fed.state.version
-            write_pending(run_dir, m)
-            save_checkpoint(run_dir, round_, self.fed.state)
-            save_adapter(run_dir / wire.ADAPTER_DIR, self.fed.state.adapter, cfg.lora, self.base_name)
-            if cfg.lora.kind == "binary":  # the deployed form: sign bits + fp16 scales
-                adapter_dir, state = run_dir / wire.ADAPTER_DIR, self.fed.state.adapter
-                save_binary_adapter(adapter_dir, state, cfg.lora, self.base_name, cfg.seed)
-            self.evaluate(round_, m, nodes)
-            m.seconds = time.perf_counter() - start
+            with timed_phase(m, "io"):
+                write_pending(run_dir, m)
+                self._save(round_)
+            if self._evaluates(round_):
+                self.evaluate(round_, m, self._eval_nodes(nodes))
+            m.seconds, m.server_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             append_metrics(run_dir, m)
             bar.set_postfix(eval_loss=f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-", replies=m.replies)
             if m.replies < m.sampled:
@@ -291,6 +325,12 @@ class Federation:
                 f"(round {m.round}: {short_round_note(m)})"
             )
         return None
+
+
+def _add_device_phases(m: RoundMetrics, phase: str, metrics: dict[str, float]) -> None:
+    """Add one reply's own timing (sync, then ``phase``) to round ``m``; absent keys count 0."""
+    add_phase(m, "sync", float(metrics.get(wire.SYNC_SECONDS, 0.0)), float(metrics.get(wire.SYNC_CPU_SECONDS, 0.0)))
+    add_phase(m, phase, float(metrics.get(wire.SECONDS, 0.0)), float(metrics.get(wire.CPU_SECONDS, 0.0)))
 
 
 def run_federation(grid: Grid, cfg: RunConfig, simulated: bool = False) -> None:
@@ -327,6 +367,8 @@ def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     with contextlib.suppress(ConfigError):  # a folder from an older edgetune: its missing keys took the defaults
         old = to_flat(from_flat(old))
     free = {"federation.rounds", "run-dir", "federation.reply-timeout", "dp.max-epsilon"}
+    free |= {"federation.eval-every", "federation.eval-devices", "federation.keep-checkpoints"}
+    free |= {"federation.checkpoint-every"}
     changed = sorted(k for k in old.keys() | new.keys() if k not in free and old.get(k) != new.get(k))
     if changed:
         raise FederationError(

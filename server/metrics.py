@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -10,13 +13,18 @@ from edgetune.adapters.peft_io import atomic_write_text
 from edgetune.wire import METRICS_FILE, PENDING_FILE
 
 __all__ = [
+    "DEVICE_PHASES",
+    "PHASES",
     "RoundMetrics",
+    "add_phase",
     "append_metrics",
     "plot_run",
     "read_metrics",
     "read_pending",
     "short_round_note",
     "summary_table",
+    "time_table",
+    "timed_phase",
     "truncate_metrics",
     "write_pending",
 ]
@@ -55,6 +63,35 @@ class RoundMetrics:
     """Devices sampled for training this round, before dropouts."""
     dropped_out: list[str] = field(default_factory=list)
     """Simulation: sampled devices the seeded dropout model (``federation.dropout``) took out."""
+    wall_seconds: dict[str, float] = field(default_factory=dict)
+    """Where the round's time went, by phase (:data:`PHASES`): ``sync``, ``train`` and
+    ``evaluate`` summed over the devices' own reports; ``aggregate`` (validation and
+    aggregation) and ``io`` (update, checkpoint, adapter, pruning) on the server."""
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """The same phases in CPU seconds (process time), which a busy machine does not inflate."""
+    server_cpu_seconds: float = 0.0
+    """CPU seconds of the server process over the whole round (``seconds`` is its wall time)."""
+
+
+DEVICE_PHASES = ("sync", "train", "evaluate")
+"""Phases the devices time themselves and report in their replies."""
+PHASES = (*DEVICE_PHASES, "aggregate", "io")
+
+
+def add_phase(m: RoundMetrics, phase: str, wall: float, cpu: float) -> None:
+    """Add ``wall`` and ``cpu`` seconds to ``phase`` of round ``m``."""
+    m.wall_seconds[phase] = m.wall_seconds.get(phase, 0.0) + wall
+    m.cpu_seconds[phase] = m.cpu_seconds.get(phase, 0.0) + cpu
+
+
+@contextlib.contextmanager
+def timed_phase(m: RoundMetrics, phase: str) -> Iterator[None]:
+    """Time the ``with`` block (wall and this process's CPU) into ``phase`` of ``m``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        yield
+    finally:
+        add_phase(m, phase, time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def append_metrics(run_dir: Path, m: RoundMetrics) -> None:
@@ -160,6 +197,25 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def time_table(rows: list[dict]) -> str:
+    """Wall and CPU seconds per phase over the whole run, with each phase's share of the wall.
+
+    Device phases are sums over devices (in simulation they run one after another on the
+    same cores); rows written before phases were timed contribute nothing.
+    """
+    wall = {p: sum(m.get("wall_seconds", {}).get(p, 0.0) for m in rows) for p in PHASES}
+    cpu = {p: sum(m.get("cpu_seconds", {}).get(p, 0.0) for m in rows) for p in PHASES}
+    total = sum(wall.values())
+    out = [f"{'phase':>9} {'wall s':>9} {'cpu s':>9} {'share':>6}", "-" * 36]
+    for p in PHASES:
+        share = f"{wall[p] / total:.1%}" if total else "-"
+        out.append(f"{p:>9} {wall[p]:9.2f} {cpu[p]:9.2f} {share:>6}")
+    rounds_wall = sum(m.get("seconds", 0.0) for m in rows)
+    server_cpu = sum(m.get("server_cpu_seconds", 0.0) for m in rows)
+    out.append(f"{'rounds':>9} {rounds_wall:9.2f} {server_cpu:9.2f}   (round wall; server process CPU)")
+    return "\n".join(out)
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """Write ``loss.png`` (held-out and train loss per round), ``bytes.png`` and, for DP runs,
     ``privacy.png`` (epsilon and clipped fraction per round)."""
@@ -172,7 +228,9 @@ def plot_run(run_dir: Path) -> list[Path]:
     rows = read_metrics(run_dir)
     rounds = [m["round"] for m in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [m["eval_loss"] for m in rows], "o-", label="held-out loss (mean over devices)")
+    ev = [(m["round"], m["eval_loss"]) for m in rows if m["eval_loss"] is not None]  # federation.eval-every
+    if ev:
+        ax.plot(*zip(*ev, strict=True), "o-", label="held-out loss (mean over devices)")
     tr = [(m["round"], m["train_loss"]) for m in rows if m["train_loss"] is not None]
     if tr:
         ax.plot(*zip(*tr, strict=True), "s--", label="local train loss")

@@ -5,6 +5,8 @@ aggregated something) and every update it has broadcast. A device that holds ver
 needs the chain ``v+1 .. version``; the server sends that chain or the full adapter
 (grid-dtype, exact), whichever is smaller. A device the server has not heard from gets the
 chain from version 0, which is valid whatever it holds (devices skip updates they have).
+The server keeps only the updates some chain cheaper than the full adapter still needs
+(about 16 for 1-bit against fp16), so memory and checkpoints stay bounded over any run.
 
 Aggregation (one round, valid replies ``i`` with deltas ``d_i`` and weights ``n_i``)::
 
@@ -39,7 +41,7 @@ from edgetune.config import RunConfig
 from edgetune.server.accounting import RoundEvent
 from edgetune.wire import FULL, UPDATE_PREFIX
 
-__all__ = ["DeltaFedAvg", "ServerState"]
+__all__ = ["DeltaFedAvg", "ServerState", "bounded_chain"]
 
 StateDict = dict[str, Tensor]
 
@@ -56,7 +58,8 @@ class ServerState:
     held: dict[str, int] = field(default_factory=dict)
     """device id -> version it is known to hold."""
     updates: dict[int, Payload] = field(default_factory=dict)
-    """version -> the encoded update that produced it."""
+    """version -> the encoded update that produced it: the newest ones only, as many as a
+    chain cheaper than the full adapter needs (:func:`bounded_chain`)."""
     privacy: list[RoundEvent] = field(default_factory=list)
     """The DP ledger: one event per training round run under DP (``server/accounting.py``)."""
 
@@ -89,9 +92,11 @@ class DeltaFedAvg:
         """The smallest exact payload for this node, and its size in bytes."""
         device = self.node_devices.get(node_id)
         held = self.state.held.get(device, 0) if device is not None else 0
+        full_bytes = expected_payload_bytes(self.sent_shapes, full_codec(self.codec))
+        if held < self.state.version and held + 1 not in self.state.updates:  # dropped: the full one is smaller
+            return {FULL: encode(self.sent_part(), full_codec(self.codec))}, full_bytes
         chain = {f"{UPDATE_PREFIX}{v}": self.state.updates[v] for v in range(held + 1, self.state.version + 1)}
         chain_bytes = sum(payload_bytes(p) for p in chain.values())
-        full_bytes = expected_payload_bytes(self.sent_shapes, full_codec(self.codec))
         if full_bytes < chain_bytes:
             return {FULL: encode(self.sent_part(), full_codec(self.codec))}, full_bytes
         return chain, chain_bytes
@@ -115,4 +120,25 @@ class DeltaFedAvg:
         self.state.adapter = adapter
         self.state.version += 1
         self.state.updates[self.state.version] = payload
+        full_bytes = expected_payload_bytes(self.sent_shapes, full_codec(self.codec))
+        self.state.updates = bounded_chain(self.state.updates, full_bytes)
         return payload
+
+
+def bounded_chain(updates: dict[int, Payload], full_bytes: int) -> dict[int, Payload]:
+    """The newest updates whose chain still costs at most ``full_bytes``; older ones are dropped.
+
+    A device holding version ``h`` is sent the chain ``h+1 .. V`` only while its size
+    ``S(h)`` is at most the full adapter's; ``S`` grows as ``h`` falls, so once ``S(h)``
+    exceeds ``full_bytes`` every device at ``h`` or below gets the full adapter and updates
+    ``<= h + 1`` are never sent again. Example: 1-bit updates of 10 bytes each and a
+    35-byte full adapter keep the newest three.
+    """
+    kept: dict[int, Payload] = {}
+    total = 0
+    for v in sorted(updates, reverse=True):
+        total += payload_bytes(updates[v])
+        if total > full_bytes:
+            break
+        kept[v] = updates[v]
+    return dict(sorted(kept.items()))

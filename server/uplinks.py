@@ -34,6 +34,7 @@ __all__ = ["ALLOWED_VERDICT", "describe_uplink", "read_uplinks", "record_uplink"
 ALLOWED_VERDICT = "only adapter deltas and numeric metrics"
 _METRIC_KEYS = frozenset(
     {wire.ROUND, wire.HELD_VERSION, wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.EVAL_LOSS, wire.NUM_TOKENS, wire.SECONDS}
+    | {wire.CPU_SECONDS, wire.SYNC_SECONDS, wire.SYNC_CPU_SECONDS}  # timing of the round's phases
 )
 _PARTS = frozenset({wire.BITS, wire.SCALES, wire.VALUES})
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.]+\.lora_[AB]\.weight$")

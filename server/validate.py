@@ -23,7 +23,7 @@ from edgetune import wire
 from edgetune.adapters.codec import CodecError, Payload, decode, expected_payload_bytes, payload_bytes
 from edgetune.config import RunConfig
 
-_OPTIONAL = (wire.NUM_TOKENS, wire.SECONDS)  # checked when present
+_OPTIONAL = (wire.NUM_TOKENS, wire.SECONDS, wire.CPU_SECONDS, wire.SYNC_SECONDS, wire.SYNC_CPU_SECONDS)  # if present
 _NPY_HEADER_SLACK = 1024  # bytes of .npy header allowed per array
 
 __all__ = ["EvalReply", "Rejection", "TrainReply", "delta_rms_bound", "validate_eval", "validate_train"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig, to_flat
-from edgetune.server.checkpoint import latest_checkpoint, save_checkpoint, save_update
+from edgetune.server.checkpoint import dir_bytes, latest_checkpoint, prune_run, save_checkpoint, save_update
 from edgetune.server.federation import FederationError, _check_resumable
 from edgetune.server.strategy import DeltaFedAvg, ServerState
 from edgetune.wire import CHECKPOINT_DIR, CONFIG_FILE, UPDATES_DIR
@@ -137,3 +137,31 @@ def test_resume_refuses_changed_settings_naming_them(tmp_path: Path) -> None:
     changed = {**to_flat(cfg), "lora.rank": 4}
     with pytest.raises(FederationError, match="lora.rank"):
         _check_resumable(_saved_run(tmp_path, changed), cfg)
+
+
+def test_prune_keeps_the_newest_and_every_kth_and_the_run_still_resumes(tmp_path: Path, tiny_shapes) -> None:
+    fed = _server(tiny_shapes, codec="fp16")  # fp16: one update is as big as the full adapter
+    for r in range(1, 11):
+        _round(fed, r)
+        _save_round(tmp_path, r, fed)
+        prune_run(tmp_path, keep=2, every=4)
+    kept = sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir())
+    assert kept == [f"round_{r:04d}.safetensors" for r in (4, 8, 9, 10)]
+    # Round 9's chain starts at v9 (one fp16 update costs as much as the full adapter).
+    assert sorted(p.name for p in (tmp_path / UPDATES_DIR).iterdir()) == ["v0009.safetensors", "v0010.safetensors"]
+    round_, state = latest_checkpoint(tmp_path)
+    assert round_ == 10 and sorted(state.updates) == [10]
+    _assert_same_state(state, fed.state)
+
+
+def test_prune_with_keep_one_leaves_one_checkpoint_and_its_chain(tmp_path: Path, tiny_shapes) -> None:
+    fed = _server(tiny_shapes)  # 1-bit: a chain of several updates is cheaper than the full adapter
+    for r in range(1, 6):
+        _round(fed, r)
+        _save_round(tmp_path, r, fed)
+        removed = prune_run(tmp_path, keep=1)
+        assert all(p.parent.name == CHECKPOINT_DIR for p in removed)  # five 1-bit updates: all still needed
+    assert [p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()] == ["round_0005.safetensors"]
+    assert len(list((tmp_path / UPDATES_DIR).iterdir())) == 5
+    assert dir_bytes(tmp_path) == sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
+    _assert_same_state(latest_checkpoint(tmp_path)[1], fed.state)

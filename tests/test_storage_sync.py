@@ -6,18 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from edgetune.adapters.codec import encode, full_codec
+from edgetune.adapters.codec import encode, expected_payload_bytes, full_codec, payload_bytes
 from edgetune.adapters.delta import subtract, weighted_mean
 from edgetune.adapters.lora import attach_lora
 from edgetune.client.device import Downlink, SyncError, sync_global
 from edgetune.client.storage import DeviceStorage
 from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig
-from edgetune.server.strategy import DeltaFedAvg
+from edgetune.server.strategy import DeltaFedAvg, bounded_chain
 from edgetune.wire import FULL, HELD_ADAPTER_FILE, RESIDUAL_FILE, UPDATE_PREFIX
 
 StateDict = dict[str, Tensor]
@@ -100,9 +101,23 @@ def _cfg(codec: str = "1bit", train_a: bool = False) -> RunConfig:
     )
 
 
+class _LoggedFedAvg(DeltaFedAvg):
+    """A server that also keeps every update it broadcast (the real one keeps a bounded
+    chain), so tests can hand devices chains the server itself would no longer send."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.history: dict[int, dict] = {}
+
+    def apply_mean(self, mean: StateDict) -> dict:
+        payload = super().apply_mean(mean)
+        self.history[self.state.version] = payload
+        return payload
+
+
 def _run_server(shapes: dict[str, tuple[int, ...]], cfg: RunConfig, rounds: int) -> tuple[DeltaFedAvg, list[StateDict]]:
     """A server that aggregates ``rounds`` rounds of three random deltas; returns the means too."""
-    fed = DeltaFedAvg(shapes, cfg)
+    fed = _LoggedFedAvg(shapes, cfg)
     means = []
     for r in range(rounds):
         deltas = [{k: _randn(shapes[k], 100 * r + i, 0.01) for k in fed.names} for i in range(3)]
@@ -113,7 +128,7 @@ def _run_server(shapes: dict[str, tuple[int, ...]], cfg: RunConfig, rounds: int)
 
 
 def _chain(fed: DeltaFedAvg, first: int = 1) -> dict[int, dict]:
-    return {v: fed.state.updates[v] for v in range(first, fed.state.version + 1)}
+    return {v: fed.history[v] for v in range(first, fed.state.version + 1)}
 
 
 @pytest.fixture
@@ -175,7 +190,7 @@ def test_server_downlink_payloads_bring_devices_to_the_global(tmp_path: Path, ti
     fed, _ = _run_server(tiny_shapes, cfg, rounds=3)
     fed.record_device(node_id=11, device_id="dev-a", version=2)
     storage = DeviceStorage(tmp_path / "a")
-    sync_global(storage, peft_model, cfg, Downlink(2, None, {v: fed.state.updates[v] for v in (1, 2)}))
+    sync_global(storage, peft_model, cfg, Downlink(2, None, {v: fed.history[v] for v in (1, 2)}))
     for node in (11, 12):  # a known device one version behind, and an unknown node
         records, nbytes = fed.downlink(node)
         full = records.get(FULL)
@@ -203,13 +218,13 @@ def test_a_gap_in_the_chain_raises_and_keeps_the_held_version(tmp_path: Path, ti
     cfg = _cfg()
     fed, _ = _run_server(tiny_shapes, cfg, rounds=4)
     storage = DeviceStorage(tmp_path)
-    sync_global(storage, peft_model, cfg, Downlink(1, None, {1: fed.state.updates[1]}))
+    sync_global(storage, peft_model, cfg, Downlink(1, None, {1: fed.history[1]}))
     with pytest.raises(SyncError, match="holds version 1.*next update sent is 3"):
-        sync_global(storage, peft_model, cfg, Downlink(4, None, {3: fed.state.updates[3], 4: fed.state.updates[4]}))
+        sync_global(storage, peft_model, cfg, Downlink(4, None, {3: fed.history[3], 4: fed.history[4]}))
     with pytest.raises(SyncError, match="server is at 4"):
         sync_global(storage, peft_model, cfg, Downlink(4, None, {}))
     with pytest.raises(SyncError):  # a new device sent only the tail of the chain
-        sync_global(DeviceStorage(tmp_path / "new"), peft_model, cfg, Downlink(4, None, {4: fed.state.updates[4]}))
+        sync_global(DeviceStorage(tmp_path / "new"), peft_model, cfg, Downlink(4, None, {4: fed.history[4]}))
     assert storage.load_global()[1] == 1
 
 
@@ -243,3 +258,33 @@ def test_downlink_is_the_smaller_of_chain_and_full(codec: str, rounds: int, expe
     assert nbytes == sum(int(sum(a.nbytes for a in p.values())) for p in records.values())
     fed.record_device(7, "dev", fed.state.version)
     assert fed.downlink(node_id=7) == ({}, 0)  # an up-to-date device gets nothing
+
+
+def test_bounded_chain_keeps_the_newest_updates_a_chain_cheaper_than_full_needs() -> None:
+    updates = {v: {"x": np.zeros(10, np.uint8)} for v in range(1, 8)}  # 10 bytes each
+    assert list(bounded_chain(updates, 35)) == [5, 6, 7]  # 30 <= 35 < 40
+    assert list(bounded_chain(updates, 30)) == [5, 6, 7]  # ties keep the chain (downlink picks it too)
+    assert list(bounded_chain(updates, 1000)) == list(range(1, 8))
+    assert bounded_chain({}, 35) == {}
+
+
+def test_server_memory_holds_a_bounded_chain_and_old_devices_get_the_full_adapter(
+    tmp_path: Path, tiny_shapes, peft_model
+) -> None:
+    cfg = _cfg("1bit")
+    fed, _ = _run_server(tiny_shapes, cfg, rounds=40)
+    full_bytes = expected_payload_bytes(fed.sent_shapes, full_codec("1bit"))
+    kept = sorted(fed.state.updates)
+    assert kept[-1] == 40 and kept == list(range(kept[0], 41)) and kept[0] > 1  # a contiguous newest suffix
+    assert sum(payload_bytes(p) for p in fed.state.updates.values()) <= full_bytes
+    assert sum(payload_bytes(fed.history[v]) for v in range(kept[0] - 1, 41)) > full_bytes  # one more would not pay
+    for held, expect_full in ((kept[0] - 2, True), (kept[0] - 1, False), (39, False)):
+        fed.record_device(node_id=held + 100, device_id=f"dev-{held}", version=held)
+        records, _ = fed.downlink(held + 100)
+        assert (FULL in records) is expect_full
+        if not expect_full:
+            assert sorted(records) == sorted(f"{UPDATE_PREFIX}{v}" for v in range(held + 1, 41))
+    # A device behind the kept chain, synced from the full adapter, ends on the server's adapter.
+    records, _ = fed.downlink(kept[0] - 2 + 100)
+    state = sync_global(DeviceStorage(tmp_path), peft_model, cfg, Downlink(40, records[FULL], {}))
+    assert _equal(state, fed.state.adapter)

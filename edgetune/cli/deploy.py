@@ -333,7 +333,8 @@ def _round_line(row: dict) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgetune.server.metrics import plot_run, read_metrics, summary_table
+    from edgetune.server.checkpoint import footprint
+    from edgetune.server.metrics import plot_run, read_metrics, summary_table, time_table
     from edgetune.server.submit import FollowOptions, submit_and_follow
 
     cfg = run_config(args)
@@ -361,6 +362,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.run_dir)
     rows = read_metrics(run_dir)
     print(summary_table(rows))
+    print(time_table(rows))
+    print(footprint(run_dir))
     plots = plot_run(run_dir)
     print(f"adapter: {run_dir / wire.ADAPTER_DIR}; plots: " + ", ".join(str(p) for p in plots))
     return 0

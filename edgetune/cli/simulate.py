@@ -92,7 +92,8 @@ def _extras(cfg: RunConfig) -> str:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from edgetune.server.metrics import plot_run, read_metrics, summary_table
+    from edgetune.server.checkpoint import footprint
+    from edgetune.server.metrics import plot_run, read_metrics, summary_table, time_table
     from edgetune.simulations.preflight import check_inputs
     from edgetune.simulations.simulate import SimulationError, simulate
 
@@ -118,6 +119,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 1
     rows = read_metrics(run_dir)
     print(summary_table(rows))
+    print(time_table(rows))
+    print(footprint(run_dir))
     stopped = json.loads((run_dir / wire.STATUS_FILE).read_text()).get("reason")
     if stopped:  # the DP budget ended the run early
         print(f"edgetune: stopped early: {stopped}")
