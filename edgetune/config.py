@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "AGGREGATORS",
     "AuditConfig",
     "CODECS",
     "ConfigError",
@@ -45,6 +46,7 @@ ENGINES = ("pytorch", "onnxruntime")
 DP_CLIP_SITES = ("server", "device")
 DP_ACCOUNTANTS = ("rdp", "pld")
 DP_SAMPLINGS = ("poisson", "fixed")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-bound", "multi-krum", "centered-clip")
 LORA_KINDS = ("lora", "dora", "binary")
 BASE_QUANTIZE = ("none", "int8", "int4")
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -184,6 +186,15 @@ class FederationConfig:
     """Largest root-mean-square of a decoded train delta the server accepts; 0 derives it
     from the training settings, 3.2 * 3 * train.local-steps * train.learning-rate (no honest
     AdamW run moves an element further; ``server/validate.py``)."""
+    aggregator: str = "mean"
+    """How valid deltas are combined (``server/robust.py``): ``mean`` (FedAvg weighted by
+    examples), ``median``, ``trimmed-mean``, ``norm-bound``, ``multi-krum`` or
+    ``centered-clip``. Anything but ``mean`` is refused under DP."""
+    byzantine_fraction: float = 0.2
+    """f: the share of a round's replies assumed malicious (trimmed-mean, multi-krum)."""
+    clip_multiple: float = 2.0
+    """c: the clipping radius in units of the round's median norm (norm-bound) or median
+    distance from the coordinate median (centered-clip)."""
     dropout: float = 0.0
     """Simulation only: the probability that a sampled device drops out of a training round,
     drawn from (run seed, round, device id) so that a rerun drops the same devices."""
@@ -210,6 +221,10 @@ class FederationConfig:
         _check(self.min_replies >= 1, "federation.min-replies", self.min_replies, "must be >= 1")
         _check(self.reply_timeout > 0, "federation.reply-timeout", self.reply_timeout, "must be > 0")
         _check(0 <= self.dropout < 1, "federation.dropout", self.dropout, "in [0, 1)")
+        _check(self.aggregator in AGGREGATORS, "federation.aggregator", self.aggregator, f"one of {AGGREGATORS}")
+        fraction = self.byzantine_fraction
+        _check(0 <= fraction < 0.5, "federation.byzantine-fraction", fraction, "in [0, 0.5)")
+        _check(self.clip_multiple > 0, "federation.clip-multiple", self.clip_multiple, "must be > 0")
         _check(self.max_delta_rms >= 0, "federation.max-delta-rms", self.max_delta_rms, "must be >= 0 (0: derived)")
         _check(self.eval_every >= 1, "federation.eval-every", self.eval_every, "must be >= 1")
         _check(
@@ -380,6 +395,16 @@ class RunConfig:
     rag: RagConfig = field(default_factory=RagConfig)
     dp: DpConfig = field(default_factory=DpConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def __post_init__(self) -> None:
+        robust = self.federation.aggregator
+        _check(
+            not (self.dp.enabled and robust != "mean"),
+            "federation.aggregator",
+            robust,
+            "must be mean under dp.enabled (DP's clipping and noise are calibrated to the plain mean)",
+        )
+
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -57,6 +57,7 @@ from edgetune.server.metrics import (
     truncate_metrics,
     write_pending,
 )
+from edgetune.server.robust import aggregate
 from edgetune.server.rounds import dropouts, exchange
 from edgetune.server.sampling import private_sample
 from edgetune.server.strategy import DeltaFedAvg
@@ -202,6 +203,20 @@ class Federation:
             return None
         return self.fed.apply_mean(result.mean)
 
+    def _robust_update(self, valid: list[TrainReply], weights: list[float], m: RoundMetrics) -> Payload:
+        """Combine the valid deltas as ``federation.aggregator`` says (``server/robust.py``)."""
+        f = self.cfg.federation
+        if f.aggregator == "mean":
+            return self.fed.aggregate([r.delta for r in valid], weights)
+        result = aggregate(f.aggregator, [r.delta for r in valid], weights, f.byzantine_fraction, f.clip_multiple)
+        m.robust_rejected = [valid[i].device_id for i in result.rejected]
+        m.robust_clipped = [valid[i].device_id for i in result.clipped]
+        if m.robust_rejected or m.robust_clipped:
+            log.warning(
+                "round %d: %s rejected %s, clipped %s", m.round, f.aggregator, m.robust_rejected, m.robust_clipped
+            )
+        return self.fed.apply_mean(result.update)
+
     def train(self, round_: int, m: RoundMetrics, nodes: list[int], planned: tuple[RoundEvent, float] | None) -> None:
         """One training round; ``planned`` is this round's DP event and epsilon (None: DP off)."""
         if planned is None:
@@ -240,7 +255,7 @@ class Federation:
         m.train_loss = float(np.average([r.metrics[wire.TRAIN_LOSS] for r in valid], weights=weights))
         m.aggregation_error = self._aggregation_error([r.delta for r in valid], weights)
         if planned is None:
-            return self.fed.aggregate([r.delta for r in valid], weights)
+            return self._robust_update(valid, weights, m)
         return self._private_update(valid, m, planned[0])
 
     def _evaluates(self, round_: int) -> bool:

@@ -61,6 +61,10 @@ class RoundMetrics:
     """Devices sampled for training this round (kept for older readers; see ``sampled``)."""
     sampled: int = 0
     """Devices sampled for training this round, before dropouts."""
+    robust_rejected: list[str] = field(default_factory=list)
+    """Devices whose valid delta the robust aggregator left out (``federation.aggregator``)."""
+    robust_clipped: list[str] = field(default_factory=list)
+    """Devices whose valid delta the robust aggregator scaled down."""
     dropped_out: list[str] = field(default_factory=list)
     """Simulation: sampled devices the seeded dropout model (``federation.dropout``) took out."""
     wall_seconds: dict[str, float] = field(default_factory=dict)

@@ -595,3 +595,28 @@ def test_a_run_in_which_no_device_trains_ends_failed(tmp_path: Path, server_iden
         run_federation(grid, cfg, simulated=True)  # type: ignore[arg-type]
     status = json.loads((tmp_path / "run" / wire.STATUS_FILE).read_text())
     assert status["status"] == "failed" and "0 of 3 sampled devices replied validly (3 rejected)" in status["error"]
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "multiple", "rejected", "clipped"),
+    [
+        ("norm-bound", 1.0, [], ["dev-13"]),
+        ("centered-clip", 0.5, [], ["dev-11", "dev-13"]),
+        ("multi-krum", 1.0, [], []),
+    ],
+)
+def test_robust_aggregators_log_and_count_whom_they_rejected_or_clipped(
+    aggregator: str, multiple: float, rejected: list[str], clipped: list[str], tmp_path: Path, server_identity: None
+) -> None:
+    from edgetune.server.federation import run_federation
+    from edgetune.server.metrics import read_metrics
+
+    # Nodes 11, 12, 13 send 1-bit deltas of norms proportional to 1, 2, 3: with c = 1 the
+    # median norm (node 12's) clips node 13; centered clipping with tau = half the median
+    # distance from the median (node 12) clips both extremes; multi-Krum needs n > 2k + 2,
+    # so with 3 replies it keeps them all.
+    cfg = _scripted_config(tmp_path / "run", aggregator=aggregator, clip_multiple=multiple, byzantine_fraction=0.4)
+    run_federation(ScriptedGrid(_scripted_shapes(cfg), "train", {}), cfg, simulated=True)  # type: ignore[arg-type]
+    rows = read_metrics(tmp_path / "run")
+    assert [(m["robust_rejected"], m["robust_clipped"]) for m in rows[1:]] == [(rejected, clipped)] * 2
+    assert all(m["replies"] == 3 for m in rows[1:])
