@@ -160,7 +160,7 @@ class DdpPlan:
         self.k = int(math.ceil(signal + headroom)).bit_length() + 1
         x = (1 << (self.k - 1)) - 1 - signal
         self.wrap_bound = min(1.0, 2 * dim * math.exp(-(x**2) / (2 * (worst_variance + x / 3))))
-        self.dim, self.bits = dim, bits
+        self.dim, self.bits, self.clip_norm = dim, bits, clip_norm
 
 
 def ddp_plan(clip_norm: float, bits: int, dim: int, cohort: int, noise_multiplier: float, threshold: int) -> DdpPlan:
@@ -176,8 +176,7 @@ def ddp_encode(x: np.ndarray, plan: DdpPlan, rng: np.random.Generator) -> tuple[
     the device's error feedback (the noise never enters it).
     """
     norm = float(np.linalg.norm(x))
-    clip_norm = ((1 << (plan.bits - 1)) - 1) / plan.scale
-    scaled = x * (plan.scale * min(1.0, clip_norm / norm) if norm > 0 else plan.scale)
+    scaled = x * (plan.scale * min(1.0, plan.clip_norm / norm) if norm > 0 else plan.scale)
     for _ in range(1000):
         z = _stoch_round(scaled, rng)
         if float(np.linalg.norm(z)) <= plan.l2:

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from edgetune import wire
 from edgetune.adapters.codec import Payload
-from edgetune.client.device import Downlink, eval_round, sync_global, train_round
+from edgetune.client import secagg
+from edgetune.client.device import Downlink, eval_round, sync_global, train_delta, train_round
 from edgetune.client.examples import TokenizedDevice, canary_file_for, tokenized_device
 from edgetune.client.ort_engine import select_engine
 from edgetune.client.retrieval import rag_tokenized_device
@@ -145,3 +146,40 @@ def evaluate(msg: Message, context: Context) -> Message:
         **_phases(start, synced),
     }
     return _reply(msg, r, metrics)
+
+
+@app.train("secagg_keys")
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 1: sync, train, keep the integer input; reply with public keys."""
+    r = _open_round(msg, context)
+    engine = select_engine(r.cfg, context.node_config)
+    delta, stats, n = train_delta(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round, engine)
+    keys = secagg.start(context, msg, r.cfg, r.storage, delta, r.round)
+    metrics = {
+        wire.NUM_EXAMPLES: n,
+        wire.TRAIN_LOSS: stats.loss,
+        wire.NUM_TOKENS: stats.seen_tokens,
+        wire.SECONDS: stats.seconds,
+    }
+    reply = _reply(msg, r, metrics)
+    reply.content[wire.SECAGG] = keys
+    return reply
+
+
+@app.train("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 2: encrypted shares for the neighbours."""
+    return Message(RecordDict({wire.SECAGG: secagg.share(msg, context)}), reply_to=msg)
+
+
+@app.train("secagg_mask")
+def secagg_mask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 3: the masked input."""
+    record, masked = secagg.mask(msg, context)
+    return Message(RecordDict({wire.SECAGG: record, wire.SECAGG_MASKED: masked}), reply_to=msg)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Secure aggregation, stage 4: the shares that remove the masks."""
+    return Message(RecordDict({wire.SECAGG: secagg.unmask(msg, context)}), reply_to=msg)

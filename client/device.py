@@ -33,7 +33,7 @@ from edgetune.client.storage import DeviceStorage
 from edgetune.client.train import StepStats, evaluate, train_local
 from edgetune.config import RunConfig
 
-__all__ = ["Downlink", "SyncError", "clip_for_uplink", "eval_round", "sync_global", "train_round"]
+__all__ = ["Downlink", "SyncError", "clip_for_uplink", "eval_round", "sync_global", "train_delta", "train_round"]
 
 StateDict = dict[str, Tensor]
 
@@ -109,7 +109,7 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
-def train_round(
+def train_delta(
     model: PeftModel,
     pad_id: int,
     data: TokenizedDevice,
@@ -118,12 +118,12 @@ def train_round(
     cfg: RunConfig,
     round_: int,
     engine: str = "pytorch",
-) -> tuple[Payload, StepStats, int]:
-    """Train from the global adapter and return ``(encoded delta, stats, num examples)``.
+) -> tuple[StateDict, StepStats, int]:
+    """K local steps from the global adapter: ``(local - global over the exchanged tensors, stats, examples)``.
 
     The data order depends only on (run seed, round, device), so a redone round after a
     server crash repeats exactly. ``engine`` (``client.ort_engine.select_engine``) picks
-    PyTorch or ONNX Runtime for the local steps; everything after them is the same.
+    PyTorch or ONNX Runtime for the local steps.
     """
     set_adapter(model, global_state)
     batches = iterate_batches(
@@ -136,13 +136,28 @@ def train_round(
     local = get_adapter(model)
     names = exchanged_names({k: tuple(v.shape) for k, v in local.items()}, cfg.lora)
     delta = subtract({k: local[k] for k in names}, {k: global_state[k] for k in names})
+    num_examples = min(len(data.train), cfg.train.local_steps * cfg.train.batch_size)
+    return delta, stats, num_examples
+
+
+def train_round(
+    model: PeftModel,
+    pad_id: int,
+    data: TokenizedDevice,
+    storage: DeviceStorage,
+    global_state: StateDict,
+    cfg: RunConfig,
+    round_: int,
+    engine: str = "pytorch",
+) -> tuple[Payload, StepStats, int]:
+    """Train (:func:`train_delta`) and return ``(encoded delta, stats, num examples)``."""
+    delta, stats, num_examples = train_delta(model, pad_id, data, storage, global_state, cfg, round_, engine)
     codec, before = cfg.federation.codec, storage.residual_before(round_)
     if cfg.dp.enabled and cfg.dp.clip_on == "device":
         payload, residual = clip_for_uplink(delta, before, cfg.dp.clip_norm, codec)
     else:
         payload, _, residual = compress(delta, before, codec)
     storage.save_residual(residual, round_)
-    num_examples = min(len(data.train), cfg.train.local_steps * cfg.train.batch_size)
     return payload, stats, num_examples
 
 

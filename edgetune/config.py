@@ -34,6 +34,7 @@ __all__ = [
     "ModelConfig",
     "RagConfig",
     "RunConfig",
+    "SecAggConfig",
     "TrainConfig",
     "from_flat",
     "to_flat",
@@ -380,6 +381,39 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (``server/secagg.py``, ``adapters/secagg_*.py``; docs/privacy-dp.md).
+
+    The server learns only the sum of the sampled devices' integer-quantised deltas, taken
+    modulo 2^k with k = bits + ceil(log2(n + 1)) (plus noise headroom under DP). With
+    ``dp.enabled`` too, every device adds Skellam noise (distributed DP) and clips on the
+    device; options that need individual updates are refused.
+    """
+
+    enabled: bool = False
+    """Run every training round as the four secure-aggregation stages."""
+    threshold: int = 0
+    """t: devices needed to finish a round (Shamir t-of-n); 0 means floor(n / 2) + 1 of the
+    n devices sampled. Below t survivors the round is skipped, never summed wrongly."""
+    neighbours: int = 0
+    """SecAgg+ (Bell et al. 2020): each device masks with this many neighbours on a random
+    ring; 0 means every other device (the original SecAgg). A device's secrets are shared
+    among its neighbours (and itself), so keep threshold <= neighbours to survive dropouts."""
+    bits: int = 1
+    """b: quantisation bits per parameter (1: unbiased sign-like). With dp.enabled, the signed
+    bits of each device's integer input (>= 2; the noise needs the finer grid, e.g. 16)."""
+    range: float = 0.0
+    """c: per-coordinate clipping range of the b-bit grid, shared by the round; 0 means
+    train.learning-rate * train.local-steps (an Adam step moves a weight by about lr)."""
+
+    def __post_init__(self) -> None:
+        _check(self.threshold == 0 or self.threshold >= 2, "secagg.threshold", self.threshold, ">= 2 (0: auto)")
+        _check(self.neighbours >= 0, "secagg.neighbours", self.neighbours, "must be >= 0 (0: all)")
+        _check(1 <= self.bits <= 24, "secagg.bits", self.bits, "in [1, 24]")
+        _check(self.range >= 0, "secagg.range", self.range, "must be >= 0 (0: auto)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one federated run needs."""
 
@@ -406,6 +440,35 @@ class RunConfig:
         )
 
     eval: EvalConfig = field(default_factory=EvalConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+
+    def __post_init__(self) -> None:
+        _check_secagg(self)
+
+
+def _check_secagg(cfg: RunConfig) -> None:
+    """With secure aggregation on, the server never sees one update: refuse what needs it."""
+    sa, dp = cfg.secagg, cfg.dp
+    if not sa.enabled:
+        return
+    n = cfg.federation.sampled
+    _check(n >= 2, "federation.devices-per-round", n, "secagg.enabled needs >= 2 devices per round")
+    _check(sa.threshold <= n, "secagg.threshold", sa.threshold, f"<= devices per round ({n})")
+    _check(
+        sa.neighbours == 0 or sa.threshold <= sa.neighbours + 1,
+        "secagg.threshold",
+        sa.threshold,
+        f"<= secagg.neighbours + 1 ({sa.neighbours + 1}): each secret is shared among a device's neighbours",
+    )
+    if dp.enabled:
+        _check(
+            dp.clip_on == "device",
+            "dp.clip-on",
+            dp.clip_on,
+            "secagg hides each update: server clipping is off; use device",
+        )
+        _check(dp.accountant == "rdp", "dp.accountant", dp.accountant, "the Skellam mechanism is accounted with rdp")
+        _check(sa.bits >= 2, "secagg.bits", sa.bits, "distributed DP needs >= 2 signed bits (e.g. 16)")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

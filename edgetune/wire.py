@@ -43,6 +43,29 @@ BITS = "bits"
 SCALES = "scales"
 VALUES = "values"
 
+# Secure aggregation (server/secagg.py, client/secagg.py): four message types, one record.
+SECAGG = "secagg"  # ConfigRecord in every stage's message and reply
+SECAGG_MASKED = "secagg-masked"  # ArrayRecord: the masked input, k bits per parameter, packed
+SECAGG_KEYS = "train.secagg_keys"  # 1: downlink + train; reply: metrics and two public keys
+SECAGG_SHARE = "train.secagg_share"  # 2: roster; reply: encrypted shares per neighbour, commitment
+SECAGG_MASK = "train.secagg_mask"  # 3: shares for this device; reply: the masked input
+SECAGG_UNMASK = "train.secagg_unmask"  # 4: survivors, dropped; reply: their shares
+SA_COHORT = "cohort"
+SA_NODES = "nodes"
+SA_C_PK = "c-pk"
+SA_S_PK = "s-pk"
+SA_DST = "dst"
+SA_SRC = "src"
+SA_CIPHERTEXTS = "ciphertexts"
+SA_COMMITMENT = "commitment"
+SA_SHARED = "shared"
+SA_SURVIVORS = "survivors"
+SA_DROPPED = "dropped"
+SA_SEED_SHARES = "seed-shares"
+SA_KEY_SHARES = "key-shares"
+SA_SESSION = "secagg-session"  # device context state: the session (JSON bytes)
+SA_INPUT = "secagg-input"  # device context state: the integer input (ArrayRecord)
+
 # Node config keys a SuperNode can set (simulation fills partition-id itself).
 PARTITION_ID = "partition-id"
 STORAGE_DIR = "storage-dir"

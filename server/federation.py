@@ -60,6 +60,7 @@ from edgetune.server.metrics import (
 from edgetune.server.robust import aggregate
 from edgetune.server.rounds import dropouts, exchange
 from edgetune.server.sampling import private_sample
+from edgetune.server.secagg import secagg_round
 from edgetune.server.strategy import DeltaFedAvg
 from edgetune.server.uplinks import record_uplink
 from edgetune.server.validate import Rejection, TrainReply, delta_rms_bound, validate_eval, validate_train
@@ -232,6 +233,9 @@ class Federation:
             gone = dropouts(names, self.cfg.federation.dropout, self.cfg.seed, round_)
             m.dropped_out = sorted(gone)
             chosen = [n for d, n in sorted(names.items()) if d not in gone]
+        if self.cfg.secagg.enabled:  # the server sees the sum only (server/secagg.py)
+            secagg_round(self, round_, m, chosen, None if planned is None else planned[0])
+            return
         replies, down = self._send(chosen, "train", round_) if chosen else ([], 0)
         m.bytes_down += down
         m.fp32_bytes_down += self.fp32_bytes * len(chosen)

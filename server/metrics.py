@@ -75,6 +75,10 @@ class RoundMetrics:
     """The same phases in CPU seconds (process time), which a busy machine does not inflate."""
     server_cpu_seconds: float = 0.0
     """CPU seconds of the server process over the whole round (``seconds`` is its wall time)."""
+    secagg: dict | None = None
+    """Secure aggregation (``server/secagg.py``): k, bits per parameter each way, bytes and
+    seconds per stage, dropouts per stage, survivors, wrap-around bound (None: off)."""
+
 
 
 DEVICE_PHASES = ("sync", "train", "evaluate")

@@ -26,7 +26,15 @@ from edgetune.config import RunConfig
 _OPTIONAL = (wire.NUM_TOKENS, wire.SECONDS, wire.CPU_SECONDS, wire.SYNC_SECONDS, wire.SYNC_CPU_SECONDS)  # if present
 _NPY_HEADER_SLACK = 1024  # bytes of .npy header allowed per array
 
-__all__ = ["EvalReply", "Rejection", "TrainReply", "delta_rms_bound", "validate_eval", "validate_train"]
+__all__ = [
+    "EvalReply",
+    "Rejection",
+    "TrainReply",
+    "delta_rms_bound",
+    "validate_eval",
+    "validate_metrics",
+    "validate_train",
+]
 
 _MAX_EXACT_INT = 2**53  # beyond this an integer metric is not one float64 can hold exactly
 _MAX_DEVICE_ID = 128  # characters
@@ -121,6 +129,13 @@ def _common(msg: Message, round_: int, keys: tuple[str, ...], version: int | Non
     if not isinstance(device, str) or not 1 <= len(device) <= _MAX_DEVICE_ID or not device.isprintable():
         raise ValueError(f"device-id={_show(device)} is not 1-{_MAX_DEVICE_ID} printable characters")
     return device, metrics
+
+
+def validate_metrics(
+    msg: Message, round_: int, keys: tuple[str, ...], version: int | None
+) -> tuple[str, dict[str, float]]:
+    """``(device id, metrics)`` of a reply whose metrics record holds ``keys`` (ValueError if not)."""
+    return _common(msg, round_, keys, version)
 
 
 def _arrays(msg: Message, shapes: dict[str, tuple[int, ...]], codec: str) -> Payload:

@@ -1,0 +1,198 @@
+"""Secure aggregation over the Grid (``server/secagg.py``, ``client/secagg.py``): the server's
+mean equals the decoded sum of the survivors' integer inputs exactly, with dropouts at each
+stage; below the threshold the round is skipped; a crash mid-protocol resumes; options that
+need individual updates are refused; and (e2e) the 2-round tiny Flower simulation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from edgetune import wire
+from edgetune.adapters.secagg_spec import decode_sum, round_spec
+from edgetune.client import app as client_app
+from edgetune.config import (
+    ConfigError,
+    DataConfig,
+    FederationConfig,
+    LoraConfig,
+    ModelConfig,
+    RunConfig,
+    SecAggConfig,
+    TrainConfig,
+    from_flat,
+)
+from edgetune.server.federation import run_federation
+from edgetune.server.metrics import read_metrics
+from edgetune.server.strategy import DeltaFedAvg
+
+HANDLERS = {
+    wire.SECAGG_KEYS: client_app.secagg_keys,
+    wire.SECAGG_SHARE: client_app.secagg_share,
+    wire.SECAGG_MASK: client_app.secagg_mask,
+    wire.SECAGG_UNMASK: client_app.secagg_unmask,
+    "evaluate": client_app.evaluate,
+}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class StagedGrid:
+    """Messages go straight to the ClientApp handlers; each node keeps one Context for the run.
+
+    ``drop`` maps a message type to partition ids that never answer it (from then on, in
+    that round); ``crash`` names a message type at which the server dies once.
+    """
+
+    def __init__(self, n: int, drop: dict[str, set[int]] | None = None, crash: str | None = None) -> None:
+        self.n, self.drop, self.crash = n, drop or {}, crash
+        self.contexts = {100 + i: Context(1, 100 + i, {wire.PARTITION_ID: i}, RecordDict(), {}) for i in range(n)}
+        self.inputs: dict[int, dict[int, np.ndarray]] = {}  # round -> node -> integer input
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.contexts)
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+        kind = messages[0].metadata.message_type if messages else ""
+        if kind == self.crash:
+            self.crash = None
+            raise Crash(f"server died at {kind}")
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node - 100 in self.drop.get(kind, set()):
+                continue
+            replies.append(HANDLERS[kind](msg, self.contexts[node]))
+            if kind == wire.SECAGG_KEYS:
+                x = self.contexts[node].state.array_records[wire.SA_INPUT][wire.SA_INPUT].numpy()
+                self.inputs.setdefault(int(msg.metadata.group_id), {})[node] = x.copy()
+        return replies
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+@pytest.fixture
+def applied(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    """A spy on the real ``apply_mean``: the means the server applied, in order."""
+    seen: list[dict[str, torch.Tensor]] = []
+    real = DeltaFedAvg.apply_mean
+
+    def spy(self: DeltaFedAvg, mean: dict[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+        seen.append(mean)
+        return real(self, mean)
+
+    monkeypatch.setattr(DeltaFedAvg, "apply_mean", spy)
+    return seen
+
+
+def _config(run_dir: Path, rounds: int = 1, n: int = 4, **secagg: object) -> RunConfig:
+    return RunConfig(
+        seed=7,
+        run_dir=str(run_dir),
+        model=ModelConfig(base="tiny"),
+        lora=LoraConfig(rank=4),
+        data=DataConfig(max_length=128, max_eval_examples=2),
+        train=TrainConfig(local_steps=1, batch_size=2, precision="fp32"),
+        federation=FederationConfig(rounds=rounds, num_devices=n),
+        secagg=SecAggConfig(**{"enabled": True, "threshold": 2, **secagg}),  # type: ignore[arg-type]
+    )
+
+
+def _expected_mean(cfg: RunConfig, grid: StagedGrid, round_: int, counted: list[int]) -> dict[str, torch.Tensor]:
+    from edgetune.adapters.lora import adapter_shapes, exchanged_names
+    from edgetune.models import model_skeleton
+
+    shapes = adapter_shapes(model_skeleton("tiny"), cfg.lora)
+    sent = {k: shapes[k] for k in exchanged_names(shapes, cfg.lora)}
+    spec = round_spec(cfg, sent, cfg.federation.sampled)
+    total = sum(grid.inputs[round_][100 + i].astype(np.int64) for i in counted) % (1 << spec.k)
+    return decode_sum(np.asarray(total, dtype=np.uint64), spec, len(counted), len(counted))
+
+
+@pytest.mark.parametrize(
+    ("drop", "counted"),
+    [
+        ({}, [0, 1, 2, 3]),
+        ({wire.SECAGG_SHARE: {1}}, [0, 2, 3]),  # dropped before sharing: not in the sum
+        ({wire.SECAGG_MASK: {1}}, [0, 2, 3]),  # after sharing: its pairwise masks are removed
+        ({wire.SECAGG_UNMASK: {1}}, [0, 1, 2, 3]),  # after masking: its input counts
+    ],
+)
+def test_round_mean_is_the_exact_decoded_sum(tmp_path, server_identity, applied, drop, counted) -> None:
+    cfg = _config(tmp_path / "run")
+    grid = StagedGrid(4, drop)
+    run_federation(grid, cfg)  # type: ignore[arg-type]
+    assert len(applied) == 1
+    expected = _expected_mean(cfg, grid, 1, counted)
+    for k in expected:
+        assert torch.equal(applied[0][k], expected[k]), k
+    row = read_metrics(Path(cfg.run_dir))[1]
+    sa = row["secagg"]
+    assert sa["k"] == 1 + 3 and sa["skipped"] is None and sa["survivors"] == len(counted)
+    assert sum(sa["dropouts"].values()) == (1 if drop else 0)
+    assert set(sa["stage_seconds"]) == {"keys", "share", "mask", "unmask"}
+    assert sa["bits_up_per_param"] < 1 + 3 + 2  # k bits of masked input plus keys and shares
+
+
+def test_below_threshold_the_round_is_skipped(tmp_path, server_identity, applied) -> None:
+    cfg = _config(tmp_path / "run", n=3, threshold=3)
+    run_federation(StagedGrid(3, {wire.SECAGG_MASK: {0}}), cfg)  # type: ignore[arg-type]
+    assert applied == []
+    row = read_metrics(Path(cfg.run_dir))[1]
+    assert row["version"] == 0 and "2 devices after the mask stage < secagg threshold 3" in row["secagg"]["skipped"]
+    assert json.loads((Path(cfg.run_dir) / wire.STATUS_FILE).read_text()) == {"status": "completed"}
+
+
+def test_secagg_plus_neighbours_and_a_crash_mid_protocol_resume(tmp_path, server_identity, applied) -> None:
+    # A ring of 4 neighbours among 6: a dropped device's key has 4 holders, t = 3 of them.
+    cfg = _config(tmp_path / "run", rounds=2, n=6, neighbours=4, threshold=3)
+    with pytest.raises(Crash):
+        run_federation(StagedGrid(6, crash=wire.SECAGG_MASK), cfg)  # type: ignore[arg-type]
+    assert applied == []
+    grid = StagedGrid(6, {wire.SECAGG_MASK: {4}})
+    run_federation(grid, cfg)  # type: ignore[arg-type]
+    rows = read_metrics(Path(cfg.run_dir))
+    assert [m["round"] for m in rows] == [0, 1, 2] and rows[-1]["version"] == 2
+    expected = _expected_mean(cfg, grid, 2, [0, 1, 2, 3, 5])
+    assert all(torch.equal(applied[-1][k], expected[k]) for k in expected)
+
+
+def test_options_that_need_individual_updates_are_refused() -> None:
+    base = {"secagg.enabled": True, "federation.num-devices": 4}
+    with pytest.raises(ConfigError, match="dp.clip-on='server'"):
+        from_flat({**base, "dp.enabled": True})
+    with pytest.raises(ConfigError, match="dp.accountant"):
+        from_flat({**base, "dp.enabled": True, "dp.clip-on": "device", "dp.accountant": "pld"})
+    with pytest.raises(ConfigError, match="secagg.threshold"):
+        from_flat({**base, "secagg.threshold": 5})
+    with pytest.raises(ConfigError, match="secagg.bits"):
+        from_flat({**base, "dp.enabled": True, "dp.clip-on": "device"})  # 1 bit cannot carry the noise
+    cfg = from_flat({**base, "dp.enabled": True, "dp.clip-on": "device", "secagg.bits": 16})
+    assert dataclasses.asdict(cfg.secagg)["bits"] == 16
+
+
+@pytest.mark.e2e
+def test_two_round_flower_simulation_with_secagg(tmp_path: Path) -> None:
+    from edgetune.simulations.simulate import simulate
+
+    cfg = dataclasses.replace(_config(tmp_path / "run", rounds=2, n=3), data=DataConfig(max_length=128))
+    simulate(cfg)
+    rows = read_metrics(Path(cfg.run_dir))
+    assert [m["round"] for m in rows] == [0, 1, 2] and rows[-1]["version"] == 2
+    for m in rows[1:]:
+        sa = m["secagg"]
+        assert sa["skipped"] is None and sa["survivors"] == 3 and sa["k"] == 1 + 2
+        assert m["replies"] == 3 and m["train_loss"] is not None
