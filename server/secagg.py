@@ -135,6 +135,7 @@ def _keys_stage(r: _Round, chosen: list[int], m: RoundMetrics) -> dict[int, tupl
         m.train_tokens += int(metrics.get(wire.NUM_TOKENS, 0))
         m.train_seconds += float(metrics.get(wire.SECONDS, 0.0))
     m.replies = len(roster)
+    fed.valid_replies += len(roster)
     if weights:
         m.train_loss = float(sum(w * x for w, x in zip(weights, losses, strict=True)) / sum(weights))
     return roster
