@@ -2,7 +2,8 @@
 
 Every training round composes one event, whether or not it released an update (a round
 skipped under quorum is counted too: conservative, and it keeps epsilon a function of the
-round count alone). The neighbouring datasets differ in one *device's* entire data
+round count alone). Distributed-DP rounds under secure aggregation compose Skellam events
+instead (``server/skellam.py``). The neighbouring datasets differ in one *device's* entire data
 (user-level DP); the mechanism is the Gaussian sum of ``server/dp.py`` with sensitivity C:
 
     dp.sampling=poisson  each device joins with probability q = devices-per-round / num-devices
@@ -35,6 +36,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from edgetune.config import DpConfig
+from edgetune.server.skellam import skellam_epsilon
 
 __all__ = ["RoundEvent", "dp_event", "epsilon", "events_from_json", "events_to_json", "next_event"]
 
@@ -56,6 +58,15 @@ class RoundEvent:
     """z: noise std on the sum over C."""
     sampled: int
     """Devices actually sampled (history only; it does not enter epsilon)."""
+    mechanism: str = "gaussian"
+    """``gaussian`` (the server's noise, ``server/dp.py``) or ``skellam`` (distributed DP
+    under secure aggregation, ``server/skellam.py``; then l1, l2 and variance are set)."""
+    l1: float = 0.0
+    """Skellam: integer L1 sensitivity of one device's input."""
+    l2: float = 0.0
+    """Skellam: integer L2 sensitivity of one device's input."""
+    variance: float = 0.0
+    """Skellam: per-coordinate noise variance the sum is guaranteed, in integer units."""
 
     @property
     def probability(self) -> float:
@@ -116,6 +127,11 @@ def epsilon(events: Sequence[RoundEvent], accountant: str, delta: float) -> floa
     samplings = {e.sampling for e in events}
     if len(samplings) > 1:
         raise ValueError(f"cannot compose rounds of different samplings {sorted(samplings)}")
+    mechanisms = {e.mechanism for e in events}
+    if mechanisms == {"skellam"}:
+        return skellam_epsilon(events, delta)
+    if mechanisms != {"gaussian"}:
+        raise ValueError(f"cannot compose rounds of mechanisms {sorted(mechanisms)}")
     acc = _accountant(accountant, samplings.pop())
     counts = Counter(dp_event(e) for e in events)
     for event, count in counts.items():

@@ -60,7 +60,7 @@ from edgetune.server.metrics import (
 from edgetune.server.robust import aggregate
 from edgetune.server.rounds import dropouts, exchange
 from edgetune.server.sampling import private_sample
-from edgetune.server.secagg import secagg_round
+from edgetune.server.secagg import secagg_round, skellam_event
 from edgetune.server.strategy import DeltaFedAvg
 from edgetune.server.uplinks import record_uplink
 from edgetune.server.validate import Rejection, TrainReply, delta_rms_bound, validate_eval, validate_train
@@ -190,6 +190,8 @@ class Federation:
     def plan_privacy(self, round_: int, population: int) -> tuple[RoundEvent, float]:
         """Round ``round_``'s DP event and the epsilon the run will have once it is composed."""
         event = next_event(self.cfg.dp, round_, population, self.cfg.federation.sampled)
+        if self.cfg.secagg.enabled:  # distributed DP: the devices' Skellam noise
+            event = skellam_event(event, self.cfg, self.fed.sent_shapes)
         return event, epsilon([*self.fed.state.privacy, event], self.cfg.dp.accountant, self.cfg.dp.delta)
 
     def _private_update(self, valid: list[TrainReply], m: RoundMetrics, event: RoundEvent) -> Payload | None:

@@ -18,6 +18,7 @@ Everything the round measured lands in ``RoundMetrics.secagg``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from edgetune.adapters.secagg_protocol import SecAggError
 from edgetune.adapters.secagg_quant import unpack_bits
 from edgetune.adapters.secagg_session import unmask_sum
 from edgetune.adapters.secagg_spec import RoundSpec, decode_sum, round_spec
+from edgetune.config import RunConfig
 from edgetune.server.accounting import RoundEvent
 from edgetune.server.checkpoint import save_update
 from edgetune.server.dp import mean_denominator
@@ -41,7 +43,7 @@ from edgetune.server.validate import validate_metrics
 if TYPE_CHECKING:
     from edgetune.server.federation import Federation
 
-__all__ = ["secagg_round"]
+__all__ = ["secagg_round", "skellam_event"]
 
 log = logging.getLogger("edgetune.server")
 STAGES = ("keys", "share", "mask", "unmask")
@@ -192,6 +194,14 @@ def _run_stages(r: _Round, roster: dict[int, tuple[bytes, bytes]]) -> tuple[Any,
     )
     r.report["stage_seconds"]["unmask"] += time.perf_counter() - start
     return result, len(survivors)
+
+
+def skellam_event(event: RoundEvent, cfg: RunConfig, shapes: dict[str, tuple[int, ...]]) -> RoundEvent:
+    """``event`` as a distributed-DP (Skellam) round: the integer sensitivities and the noise
+    variance of the sum (``(z D2)^2``, whatever the cohort; see ``adapters/secagg_quant.DdpPlan``)."""
+    plan = round_spec(cfg, shapes, max(cfg.federation.sampled, 2)).plan
+    assert plan is not None  # dp.enabled
+    return dataclasses.replace(event, mechanism="skellam", l1=plan.l1, l2=plan.l2, variance=plan.central_variance)
 
 
 def secagg_round(fed: Federation, round_: int, m: RoundMetrics, chosen: list[int], event: RoundEvent | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,43 @@ def test_two_round_flower_simulation_with_secagg(tmp_path: Path) -> None:
         sa = m["secagg"]
         assert sa["skipped"] is None and sa["survivors"] == 3 and sa["k"] == 1 + 2
         assert m["replies"] == 3 and m["train_loss"] is not None
+
+
+def test_distributed_dp_round_accounts_skellam_and_reports_the_wrap_bound(tmp_path, server_identity, applied) -> None:
+    from edgetune.config import DpConfig
+    from edgetune.server.accounting import next_event
+    from edgetune.server.secagg import skellam_event
+
+    cfg = dataclasses.replace(
+        _config(tmp_path / "run", rounds=2, n=3, bits=16),
+        dp=DpConfig(
+            enabled=True, clip_on="device", clip_norm=0.05, noise_multiplier=1.0, min_replies=1, sampling="fixed"
+        ),
+    )
+    grid = StagedGrid(3)
+    run_federation(grid, cfg)  # type: ignore[arg-type]
+    rows = read_metrics(Path(cfg.run_dir))
+    shapes = _sent_shapes(cfg)
+    events = [skellam_event(next_event(cfg.dp, t, 3, 3), cfg, shapes) for t in (1, 2)]
+    from edgetune.server.accounting import epsilon
+
+    assert [m["dp_epsilon"] for m in rows] == [epsilon(events[:t], "rdp", cfg.dp.delta) for t in (0, 1, 2)]
+    sa = rows[1]["secagg"]
+    assert sa["wrap_bound"] <= 1e-9 and sa["k"] > 16 and sa["survivors"] == 3
+    # The released mean is exactly the sum of the devices' noised integer inputs over s * m.
+    spec = round_spec(cfg, shapes, 3)
+    assert spec.plan is not None
+    total = sum(grid.inputs[1][100 + i].astype(np.int64) for i in range(3)) % (1 << spec.k)
+    total = np.where(total >= 1 << (spec.k - 1), total - (1 << spec.k), total)
+    std = math.sqrt(3 * spec.plan.device_variance) / (spec.plan.scale * 3)
+    assert rows[1]["dp_noise_std"] == pytest.approx(std)
+    got = np.concatenate([applied[0][k].numpy().reshape(-1) for k in sorted(applied[0])])
+    assert np.abs(got - total / (spec.plan.scale * 3)).max() < 1e-6  # float32 rounding only
+
+
+def _sent_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    from edgetune.adapters.lora import adapter_shapes, exchanged_names
+    from edgetune.models import model_skeleton
+
+    shapes = adapter_shapes(model_skeleton("tiny"), cfg.lora)
+    return {k: shapes[k] for k in exchanged_names(shapes, cfg.lora)}
