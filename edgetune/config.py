@@ -429,6 +429,8 @@ class RunConfig:
     rag: RagConfig = field(default_factory=RagConfig)
     dp: DpConfig = field(default_factory=DpConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         robust = self.federation.aggregator
@@ -438,11 +440,6 @@ class RunConfig:
             robust,
             "must be mean under dp.enabled (DP's clipping and noise are calibrated to the plain mean)",
         )
-
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
-
-    def __post_init__(self) -> None:
         _check_secagg(self)
 
 
@@ -452,6 +449,8 @@ def _check_secagg(cfg: RunConfig) -> None:
     if not sa.enabled:
         return
     n = cfg.federation.sampled
+    robust = cfg.federation.aggregator
+    _check(robust == "mean", "federation.aggregator", robust, "must be mean under secagg (it sees only the sum)")
     _check(n >= 2, "federation.devices-per-round", n, "secagg.enabled needs >= 2 devices per round")
     _check(sa.threshold <= n, "secagg.threshold", sa.threshold, f"<= devices per round ({n})")
     _check(

@@ -80,7 +80,6 @@ class RoundMetrics:
     seconds per stage, dropouts per stage, survivors, wrap-around bound (None: off)."""
 
 
-
 DEVICE_PHASES = ("sync", "train", "evaluate")
 """Phases the devices time themselves and report in their replies."""
 PHASES = (*DEVICE_PHASES, "aggregate", "io")

@@ -179,6 +179,8 @@ def test_options_that_need_individual_updates_are_refused() -> None:
         from_flat({**base, "dp.enabled": True, "dp.clip-on": "device", "dp.accountant": "pld"})
     with pytest.raises(ConfigError, match="secagg.threshold"):
         from_flat({**base, "secagg.threshold": 5})
+    with pytest.raises(ConfigError, match="federation.aggregator='median'"):
+        from_flat({**base, "federation.aggregator": "median"})
     with pytest.raises(ConfigError, match="secagg.bits"):
         from_flat({**base, "dp.enabled": True, "dp.clip-on": "device"})  # 1 bit cannot carry the noise
     cfg = from_flat({**base, "dp.enabled": True, "dp.clip-on": "device", "secagg.bits": 16})
