@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,7 +14,7 @@ from edgetune.adapters.lora import attach_lora, get_adapter, init_adapter, model
 from edgetune.cli import main
 from edgetune.client.data import tokenize_conversation
 from edgetune.client.examples import TokenizedDevice
-from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from edgetune.config import LoraConfig, RunConfig, TrainConfig
 from edgetune.server.eval_report import eval_table, verdict
 from edgetune.simulations import baselines
 from edgetune.simulations.answers import generate_ids, heldout_questions
@@ -141,21 +140,14 @@ def test_eval_of_a_missing_or_non_run_folder_fails_in_one_line(tmp_path: Path, c
 
 @pytest.mark.e2e
 def test_eval_of_a_two_round_tiny_run_writes_table_json_and_plot(tmp_path: Path) -> None:
-    from edgetune.simulations.simulate import simulate
-
-    cfg = RunConfig(
-        seed=5,
-        run_dir=str(tmp_path / "run"),
-        model=ModelConfig(base="tiny"),
-        lora=LoraConfig(rank=4),
-        data=DataConfig(max_length=128, max_eval_examples=4),
-        train=TrainConfig(local_steps=2, batch_size=4),
-        federation=FederationConfig(rounds=2, num_devices=2),
-    )
-    simulate(dataclasses.replace(cfg))
-    code = main(["eval", cfg.run_dir, "--baselines", "--max-new-tokens", "4", "--bootstrap", "50"])
-    assert code == 0
-    run = Path(cfg.run_dir)
+    run = tmp_path / "run"
+    tiny = ["--base", "tiny", "--rounds", "2", "--devices", "2", "--steps", "2", "--batch-size", "4", "--seed", "5"]
+    settings = ["lora.rank=4", "data.max-length=128", "data.max-eval-examples=4", "eval.enabled=true"]
+    settings += ["eval.max-new-tokens=4", "eval.bootstrap=50"]
+    assert main(["simulate", *tiny, "--run-dir", str(run), *[a for s in settings for a in ("--set", s)]]) == 0
+    # eval.enabled: the simulation ended with the base-vs-global evaluation
+    assert json.loads((run / wire.EVAL_JSON).read_text())["variants"] == ["base", "global"]
+    assert main(["eval", str(run), "--baselines", "--max-new-tokens", "4", "--bootstrap", "50"]) == 0
     results = json.loads((run / wire.EVAL_JSON).read_text())
     assert (run / wire.EVAL_PLOT).stat().st_size > 0
     text = (run / wire.EVAL_TEXT).read_text()

@@ -4,6 +4,7 @@ edgetune simulate                       federated simulation on the defaults
 edgetune simulate --rounds 5 --devices 12 --codec fp32 --run-dir runs/fp32
 edgetune simulate --resume runs/default  continue a killed run from its last round
 edgetune simulate --set train.learning-rate=1e-3 --set lora.rank=4
+edgetune simulate --set eval.enabled=true --set eval.baselines=true   then evaluate (as edgetune eval)
 """
 
 from __future__ import annotations
@@ -130,4 +131,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f"held-out loss {first} -> {last}; adapter: {run_dir / wire.ADAPTER_DIR}; plots: "
         + ", ".join(str(p) for p in plots)
     )
+    if cfg.eval.enabled:  # --set eval.enabled=true: answer quality vs the base model (and baselines)
+        from edgetune.cli.eval import run_eval
+
+        return run_eval(run_dir, cfg, rows, cfg.eval.baselines, None, run_dir)
     return 0
