@@ -28,13 +28,25 @@ PEFT's own ``merge_and_unload``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-__all__ = ["BinaryLinear", "binarize", "binarize_ste", "binarized_state", "make_binary", "rank_axis", "scales"]
+__all__ = [
+    "BinaryLinear",
+    "binarize",
+    "binarize_ste",
+    "binarized_state",
+    "binary_product_error",
+    "make_binary",
+    "rank_axis",
+    "scales",
+]
 
 StateDict = dict[str, Tensor]
 
@@ -126,3 +138,25 @@ def binarized_state(latent: StateDict) -> StateDict:
     Loaded into a plain PEFT LoRA model it gives the binary model's forward pass.
     """
     return {k: binarize(v.float()) if (".lora_A." in k or ".lora_B." in k) else v.clone() for k, v in latent.items()}
+
+
+def binary_product_error(base: StateDict, deltas: Sequence[StateDict], weights: Sequence[float]) -> float:
+    """Relative error of FedAvg over latent deltas, seen in the binarised forward pass.
+
+    Per layer, with ``W_i = base + delta_i`` (latent): ``||bin(mean B_i) bin(mean A_i) -
+    mean(bin(B_i) bin(A_i))|| / ||mean(bin(B_i) bin(A_i)) - bin(B_0) bin(A_0)||`` (Frobenius,
+    pooled over layers). The latent average is exact; this is what binarising it costs.
+    """
+    total = float(sum(weights))
+    err_sq = ref_sq = 0.0
+    for a_key in (k for k in base if ".lora_A." in k):
+        b_key = a_key.replace(".lora_A.", ".lora_B.")
+        pairs = [tuple(base[k] + d[k] if k in d else base[k] for k in (b_key, a_key)) for d in deltas]
+        products = [binarize(b).double() @ binarize(a).double() for b, a in pairs]  # (out, in) each
+        mean_prod = sum(w * p for w, p in zip(weights, products, strict=True)) / total
+        mean_b, mean_a = (sum(w * p[j].double() for w, p in zip(weights, pairs, strict=True)) / total for j in (0, 1))
+        prod_mean = binarize(mean_b.float()).double() @ binarize(mean_a.float()).double()
+        start = binarize(base[b_key]).double() @ binarize(base[a_key]).double()
+        err_sq += float(torch.sum((prod_mean - mean_prod) ** 2))
+        ref_sq += float(torch.sum((mean_prod - start) ** 2))
+    return math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0

@@ -212,16 +212,42 @@ def load_merged(base: str, adapter: Path | None, stage: Stage) -> tuple[LlamaFor
 
 
 def _merge(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    """Fold a PEFT adapter folder into ``model``; a packed binary adapter (1-bit file) is
+    unpacked to its dense form ``sign(W) * s`` first, which plain LoRA then merges exactly."""
     from peft import PeftModel
+
+    from edgetune.adapters.binary_io import is_binary_folder
 
     if not (adapter / "adapter_config.json").is_file():
         raise ExportError(f"--adapter {adapter}: no adapter_config.json there, so it is not a PEFT adapter folder")
     try:
+        if is_binary_folder(adapter):
+            return _binary_peft_model(model, adapter).merge_and_unload()
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except (ValueError, KeyError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(f"--adapter {adapter} does not fit this base model: {first}") from err
     return peft_model.merge_and_unload()
+
+
+def _binary_peft_model(model: PreTrainedModel, adapter: Path) -> PreTrainedModel:
+    """A plain PEFT LoRA model holding the unpacked binary adapter of ``adapter``.
+
+    Raises:
+        KeyError: the packed adapter's tensors do not match the model's LoRA layers.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from edgetune.adapters.binary_io import load_binary_adapter
+
+    state = load_binary_adapter(adapter)
+    peft_model = get_peft_model(model, PeftLoraConfig.from_pretrained(adapter))
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise KeyError(f"binary adapter has tensors the model lacks, e.g. {unexpected[0]}")
+    return peft_model
 
 
 def run_export(

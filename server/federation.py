@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from edgetune import wire
+from edgetune.adapters.binary import binary_product_error
 from edgetune.adapters.binary_io import save_binary_adapter
 from edgetune.adapters.codec import Payload, raw_bytes
 from edgetune.adapters.delta import lora_product_error
@@ -287,6 +288,8 @@ class Federation:
 
     def _aggregation_error(self, deltas: list[StateDict], weights: list[float]) -> float:
         """How far FedAvg of the parameters is from the average of the layers' weight updates."""
+        if self.cfg.lora.kind == "binary":
+            return binary_product_error(self.fed.state.adapter, deltas, weights)
         if self.dora_w0 is not None:
             scaling = self.cfg.lora.alpha / self.cfg.lora.rank
             return dora_weight_error(self.dora_w0, self.fed.state.adapter, deltas, weights, scaling)

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from edgetune.adapters.binary import BinaryLinear, binarize, binarized_state
+from edgetune.adapters.binary import BinaryLinear, binarize, binarized_state, binary_product_error
 from edgetune.adapters.binary_io import BINARY_WEIGHTS, load_binary_adapter, pack, save_binary_adapter, unpack
 from edgetune.adapters.lora import attach_lora, get_adapter, init_adapter, set_adapter
 from edgetune.adapters.peft_io import ADAPTER_WEIGHTS, save_adapter
@@ -162,3 +162,18 @@ def test_lora_kind_is_validated() -> None:
     assert from_flat({"lora.kind": "binary"}).lora.kind == "binary"
     with pytest.raises(ConfigError, match="lora.kind='ternary'"):
         from_flat({"lora.kind": "ternary"})
+
+
+def test_binary_product_error_by_hand() -> None:
+    """One layer, A = [[1, 1]] (bin(A) = A), B (1, 1)... two devices: B = +1 and B = -3."""
+    a = torch.tensor([[1.0, 1.0]])  # (r=1, in=2)
+    base = {"l.lora_A.weight": a, "l.lora_B.weight": torch.zeros(1, 1)}
+    deltas = [{"l.lora_B.weight": torch.tensor([[1.0]])}, {"l.lora_B.weight": torch.tensor([[-3.0]])}]
+    # bin of a 1x1 B is B itself: mean of products = [[-1, -1]]; bin(mean B = -1) A = [[-1, -1]].
+    assert binary_product_error(base, deltas, [1.0, 1.0]) == 0.0
+    # B (2, 1): bin keeps one scale per column: [1, 3] -> [2, 2]; [1, -1] -> [1, -1].
+    base2 = {"l.lora_A.weight": a, "l.lora_B.weight": torch.zeros(2, 1)}
+    d2 = [{"l.lora_B.weight": torch.tensor([[1.0], [3.0]])}, {"l.lora_B.weight": torch.tensor([[1.0], [-1.0]])}]
+    # mean of bin(B_i) = [1.5, 0.5]; bin(mean B = [1, 1]) = [1, 1]; error 0.5*sqrt(2)*||A|| /
+    # ||[1.5, 0.5] A|| = sqrt(0.5) / sqrt(2.5) = sqrt(0.2).
+    assert binary_product_error(base2, d2, [1.0, 1.0]) == pytest.approx(0.2**0.5, abs=1e-12)
