@@ -29,6 +29,7 @@ from edgetune.client.storage import DeviceStorage
 from edgetune.client.supernode import run_state_dir
 from edgetune.client.train import device_model
 from edgetune.config import RunConfig, from_flat
+from edgetune.precision import resolve_run
 
 __all__ = ["app"]
 
@@ -83,6 +84,7 @@ def _open_round(msg: Message, context: Context) -> _Round:
         data = tokenized_device(cfg.data, data_path, index, cfg.federation.num_devices, cfg.seed, tokenizer, canaries)
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))
+    cfg = resolve_run(cfg)  # train.precision=auto: bf16 or fp32, for this device's CPU
     return _Round(cfg, storage, model, tokenizer.pad_token_id, data, state, int(config[wire.ROUND]), version, device_id)
 
 

@@ -56,6 +56,8 @@ class JoinOptions:
 
 # Settings a run may change when it resumes (server/federation.py): not part of its identity.
 _RESUMABLE_KEYS = ("federation.rounds", "federation.reply-timeout")
+_RESUMABLE_KEYS += ("federation.eval-every", "federation.eval-devices", "federation.keep-checkpoints")
+_RESUMABLE_KEYS += ("federation.checkpoint-every",)
 
 
 def run_state_dir(storage_dir: Path, cfg: RunConfig) -> Path:

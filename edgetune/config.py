@@ -43,6 +43,7 @@ __all__ = [
 CODECS = ("1bit", "fp16", "fp32")
 PARTITIONS = ("lang-topic", "iid", "dirichlet")
 PRECISIONS = ("bf16", "fp32")
+TRAIN_PRECISIONS = ("auto", *PRECISIONS)  # auto: resolved per CPU by edgetune/precision.py
 ENGINES = ("pytorch", "onnxruntime")
 DP_CLIP_SITES = ("server", "device")
 DP_ACCOUNTANTS = ("rdp", "pld")
@@ -144,8 +145,10 @@ class TrainConfig:
     """Conversations per step."""
     learning_rate: float = 2e-3
     """AdamW learning rate for the adapter parameters."""
-    precision: str = "bf16"
-    """``bf16`` (CPU autocast, about 2x faster here) or ``fp32``."""
+    precision: str = "auto"
+    """``auto`` (bf16 autocast where the CPU has bf16 matrix units, AMX or AVX512-BF16, about
+    2x faster there; fp32 elsewhere, where bf16 is several times slower; resolved by each
+    device for itself, ``edgetune/precision.py``), ``bf16`` or ``fp32``."""
     engine: str = "pytorch"
     """What runs the local steps: ``pytorch`` or ``onnxruntime`` (ONNX Runtime training
     artefacts built once per device, always fp32). A SuperNode's ``train-engine`` node config
@@ -160,7 +163,7 @@ class TrainConfig:
         _check(self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
         _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
         _check(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "must be > 0")
-        _check(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {PRECISIONS}")
+        _check(self.precision in TRAIN_PRECISIONS, "train.precision", self.precision, f"one of {TRAIN_PRECISIONS}")
 
 
 @dataclass(frozen=True)

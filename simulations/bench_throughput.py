@@ -1,14 +1,16 @@
 """Local training throughput: tokens/s of one device's K steps, and the share of this
-machine's bf16 matrix-multiply peak that it reaches, both measured in the same run.
+machine's matrix-multiply peak in the same precision that it reaches, measured in one run.
 
     python -m simulations.bench_throughput                 # SmolLM2, english/tech_support data
     python -m simulations.bench_throughput --base tiny --steps 3 --out bench-out/throughput
 
-Method: the peak is the median GFLOP/s of repeated square bf16 matmuls (n=2048) with all
-threads; training FLOPs per step are counted exactly by ``torch.utils.flop_counter`` on one
-step (forward + backward, the matmuls that really run); throughput is tokens (prompt
-included, padding excluded) over wall time of ``--steps`` steps, median over ``--repeats``.
-Each precision (bf16 autocast, fp32) is measured on the same batches. Ends with one JSON line.
+Method: each precision's peak is the median GFLOP/s of repeated square matmuls (n=2048, bf16
+and fp32) with all threads; training FLOPs per step are counted exactly by
+``torch.utils.flop_counter`` on one step (forward + backward, the matmuls that really run);
+throughput is tokens (prompt included, padding excluded) over wall time of ``--steps``
+steps, median over ``--repeats`` (CPU seconds beside). Each precision (bf16 autocast, fp32)
+is measured on the same batches, as a fraction of its own peak. The CPU's features and what
+``train.precision=auto`` picks on it are reported too. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from edgetune.client.data import iterate_batches
 from edgetune.client.examples import tokenized_device
 from edgetune.client.train import autocast, device_model, summed_loss
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
+from edgetune.precision import cpu_flags, resolved_for_this_cpu
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> float:
-    """Median bf16 GFLOP/s of an (n, n) @ (n, n) matmul."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def matmul_peak_gflops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 7) -> float:
+    """Median GFLOP/s of an (n, n) @ (n, n) matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
     rates = []
@@ -52,18 +55,31 @@ def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision
     return int(counter.get_total_flops())
 
 
-def timed_steps(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], precision: str, lr: float) -> float:
-    """Seconds for one optimizer step per batch."""
+def timed_steps(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], precision: str, lr: float
+) -> tuple[float, float]:
+    """Wall and CPU seconds for one optimizer step per batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
         with autocast(precision):
             loss, n = summed_loss(model, batch)
         (loss / max(n, 1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def cpu_features() -> dict[str, object]:
+    """What decides the precision: bf16 matrix units, AVX-512, PyTorch's CPU capability."""
+    flags = cpu_flags()
+    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+    return {
+        "flags": [f for f in wanted if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "auto_precision": resolved_for_this_cpu("auto").describe("auto"),
+    }
 
 
 def main() -> None:
@@ -80,7 +96,14 @@ def main() -> None:
     data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
     batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, tokenizer.pad_token_id))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    peak = matmul_peak_gflops()
+    peaks = {"bf16": matmul_peak_gflops(torch.bfloat16), "fp32": matmul_peak_gflops(torch.float32)}
+    features = cpu_features()
+    print(
+        f"CPU: {', '.join(features['flags']) or 'no listed flags'}; torch capability "  # type: ignore[arg-type]
+        f"{features['torch_cpu_capability']}; matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 "
+        f"{peaks['fp32']:.0f} GFLOP/s; train.precision=auto -> {features['auto_precision']}",
+        flush=True,
+    )
     model.train()
     result: dict[str, object] = {
         "benchmark": "throughput",
@@ -90,21 +113,31 @@ def main() -> None:
         "batch_size": args.batch_size,
         "tokens_per_run": tokens,
         "threads": torch.get_num_threads(),
-        "bf16_matmul_peak_gflops": round(peak, 1),
+        "cpu": features,
+        "bf16_matmul_peak_gflops": round(peaks["bf16"], 1),
+        "fp32_matmul_peak_gflops": round(peaks["fp32"], 1),
     }
     for precision in ("bf16", "fp32"):
         flops = sum(step_flops(model, b, precision) for b in batches)
         timed_steps(model, batches[:1], precision, 1e-3)  # warm-up
-        seconds = statistics.median(timed_steps(model, batches, precision, 1e-3) for _ in range(args.repeats))
+        runs = [timed_steps(model, batches, precision, 1e-3) for _ in range(args.repeats)]
+        seconds = statistics.median(w for w, _ in runs)
+        fractions = [flops / w / 1e9 / peaks[precision] for w, _ in runs]
         result[f"{precision}_tokens_per_s"] = round(tokens / seconds, 1)
+        result[f"{precision}_seconds"] = round(seconds, 3)
+        result[f"{precision}_cpu_seconds"] = round(statistics.median(c for _, c in runs), 3)
         result[f"{precision}_gflops"] = round(flops / seconds / 1e9, 1)
-        result[f"{precision}_fraction_of_bf16_peak"] = round(flops / seconds / 1e9 / peak, 4)
+        result[f"{precision}_fraction_of_peak"] = round(statistics.median(fractions), 4)
+        result[f"{precision}_fraction_of_peak_runs"] = [round(f, 4) for f in fractions]
         print(
             f"{precision}: {tokens / seconds:8.1f} tokens/s, {flops / seconds / 1e9:7.1f} GFLOP/s "
-            f"= {flops / seconds / 1e9 / peak:.1%} of the bf16 matmul peak ({peak:.0f} GFLOP/s)",
+            f"= {statistics.median(fractions):.1%} of the {precision} matmul peak ({peaks[precision]:.0f} GFLOP/s); "
+            f"{seconds:.2f} s wall, {result[f'{precision}_cpu_seconds']} s CPU per {args.steps} steps",
             flush=True,
         )
     result["bf16_speedup_over_fp32"] = round(float(result["bf16_tokens_per_s"]) / float(result["fp32_tokens_per_s"]), 2)
+    chosen = resolved_for_this_cpu("auto").precision
+    result["auto_fraction_of_peak"] = result[f"{chosen}_fraction_of_peak"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2))

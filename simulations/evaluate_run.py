@@ -28,6 +28,7 @@ from edgetune.adapters.peft_io import load_adapter
 from edgetune.client.examples import device_conversations, tokenized_device
 from edgetune.client.train import device_model
 from edgetune.config import ConfigError, RunConfig, from_flat
+from edgetune.precision import resolve_run
 from edgetune.server.answer_metrics import METRICS, bootstrap_ci
 from edgetune.server.eval_report import VARIANTS, verdict
 from edgetune.server.metrics import read_metrics
@@ -56,7 +57,7 @@ def read_run(run_dir: Path) -> tuple[RunConfig, list[dict]]:
     if not config_path.is_file():
         raise EvalError(f"{run_dir}: no {wire.CONFIG_FILE}, so it is not a run folder")
     try:
-        cfg = from_flat(json.loads(config_path.read_text(encoding="utf-8")))
+        cfg = resolve_run(from_flat(json.loads(config_path.read_text(encoding="utf-8"))))  # precision for this CPU
     except (ValueError, ConfigError) as err:
         raise EvalError(f"{config_path}: unreadable run config ({err})") from None
     if not (run_dir / wire.ADAPTER_DIR).is_dir():

@@ -31,7 +31,7 @@ def test_defaults() -> None:
     assert cfg.lora == LoraConfig(rank=8, alpha=16.0, targets=ALL_PROJECTIONS, train_a=False)
     assert cfg.federation.codec == "1bit" and cfg.federation.rounds == 3
     assert cfg.federation.sampled == cfg.federation.num_devices == 8
-    assert cfg.train.precision == "bf16" and cfg.data.partition == "lang-topic"
+    assert cfg.train.precision == "auto" and cfg.data.partition == "lang-topic"
 
 
 def test_docstring_example() -> None:

@@ -92,6 +92,14 @@ def _extras(cfg: RunConfig) -> str:
     return "".join(f", {p}" for p in parts)
 
 
+def _precision(cfg: RunConfig) -> str:
+    """``train.precision`` as this machine's virtual devices will resolve it, e.g. ``bf16 (auto: avx512_bf16)``."""
+    from edgetune.precision import resolved_for_this_cpu
+
+    requested = cfg.train.precision
+    return resolved_for_this_cpu(requested).describe(requested)
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from edgetune.server.checkpoint import footprint
     from edgetune.server.metrics import plot_run, read_metrics, summary_table, time_table
@@ -106,7 +114,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     f = cfg.federation
     print(
         f"edgetune simulate: {f.num_devices} devices ({f.sampled}/round), {f.rounds} round{'s' * (f.rounds != 1)}, "
-        f"base={cfg.model.base}, codec={f.codec}{_extras(cfg)}, run folder {run_dir}",
+        f"base={cfg.model.base}, codec={f.codec}, precision={_precision(cfg)}{_extras(cfg)}, run folder {run_dir}",
         flush=True,
     )
     problem = check_inputs(cfg)  # in this process, before Ray starts: one line, exit 2

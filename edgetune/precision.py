@@ -1,0 +1,122 @@
+"""The training precision this CPU runs fastest: ``train.precision=auto`` resolved once.
+
+bf16 autocast trains about 2x faster than fp32 on a CPU with bf16 matrix units (Intel AMX,
+AVX512-BF16) and several times slower on one without (a bf16 matmul there was measured at
+27 GFLOP/s per core against 96 for fp32). So ``auto`` picks:
+
+    bf16   the CPU reports ``amx_bf16`` or ``avx512_bf16`` (Linux ``/proc/cpuinfo`` flags)
+    fp32   it reports x86 flags without either
+    either no flags to read (another OS or architecture): a sub-second matmul measurement
+           picks bf16 only if it is at least ``_MEASURED_MARGIN`` times faster than fp32
+
+An explicit ``bf16`` or ``fp32`` always wins. Every process resolves for its own CPU (a
+device resolves the run's ``auto`` for itself), once, at the boundary where it parses the
+run config (:func:`resolve_run`); code below that sees only ``bf16`` or ``fp32``.
+
+Example:
+    >>> resolve_precision("auto", frozenset({"avx2", "avx512f", "avx512_bf16"})).precision
+    'bf16'
+    >>> resolve_precision("fp32", frozenset({"amx_bf16"})).reason
+    'explicit'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgetune.config import RunConfig
+
+__all__ = [
+    "BF16_UNIT_FLAGS",
+    "Resolved",
+    "cpu_flags",
+    "matmul_gflops",
+    "resolve_precision",
+    "resolve_run",
+    "resolved_for_this_cpu",
+]
+
+BF16_UNIT_FLAGS = ("amx_bf16", "avx512_bf16")
+"""``/proc/cpuinfo`` flags of bf16 matrix units: with either, bf16 matmuls beat fp32."""
+_X86_MARKERS = frozenset({"sse2", "avx", "avx2"})
+_MEASURED_MARGIN = 1.2
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A precision choice and why (for the run's first line)."""
+
+    precision: str
+    """``bf16`` or ``fp32``."""
+    reason: str
+    """``explicit``, the bf16 flags found, ``no bf16 units``, or the measured speed ratio."""
+
+    def describe(self, requested: str) -> str:
+        """E.g. ``bf16 (auto: avx512_bf16)`` or ``fp32``."""
+        return self.precision if requested != "auto" else f"{self.precision} (auto: {self.reason})"
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The first processor's feature flags, or an empty set where there is no cpuinfo."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 512, seconds: float = 0.1) -> float:
+    """GFLOP/s of square ``(n, n) @ (n, n)`` matmuls in ``dtype``, best of a ``seconds`` window."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up: first-call dispatch and allocation
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / max(time.perf_counter() - start, 1e-9) / 1e9)
+    return best
+
+
+def resolve_precision(requested: str, flags: frozenset[str] | None = None) -> Resolved:
+    """Resolve ``requested`` (``auto``, ``bf16`` or ``fp32``) for the CPU with ``flags``
+    (default: this one's).
+
+    Raises:
+        ValueError: ``requested`` is none of the three.
+    """
+    if requested in ("bf16", "fp32"):
+        return Resolved(requested, "explicit")
+    if requested != "auto":
+        raise ValueError(f"precision {requested!r}: expected auto, bf16 or fp32")
+    flags = cpu_flags() if flags is None else flags
+    units = [f for f in BF16_UNIT_FLAGS if f in flags]
+    if units:
+        return Resolved("bf16", "+".join(units))
+    if flags & _X86_MARKERS:
+        return Resolved("fp32", "no bf16 units")
+    ratio = matmul_gflops(torch.bfloat16) / max(matmul_gflops(torch.float32), 1e-9)
+    return Resolved("bf16" if ratio >= _MEASURED_MARGIN else "fp32", f"measured bf16/fp32 matmul {ratio:.2f}x")
+
+
+@functools.cache
+def resolved_for_this_cpu(requested: str) -> Resolved:
+    """:func:`resolve_precision` for this process's CPU, computed once per process."""
+    return resolve_precision(requested)
+
+
+def resolve_run(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``train.precision`` resolved for this CPU (unchanged if already explicit)."""
+    chosen = resolved_for_this_cpu(cfg.train.precision).precision
+    if chosen == cfg.train.precision:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))
