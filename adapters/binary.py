@@ -37,6 +37,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from edgetune.types import StateDict
+
 __all__ = [
     "BinaryLinear",
     "binarize",
@@ -48,7 +50,7 @@ __all__ = [
     "scales",
 ]
 
-StateDict = dict[str, Tensor]
+__all__ = ["BinaryLinear", "binarize", "binarize_ste", "binarized_state", "make_binary", "rank_axis", "scales"]
 
 
 def rank_axis(shape: tuple[int, ...]) -> int:
@@ -81,11 +83,11 @@ def binarize(w: Tensor) -> Tensor:
 
 class _StraightThrough(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: object, w: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: object, w: Tensor) -> Tensor:
         return binarize(w)
 
     @staticmethod
-    def backward(ctx: object, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: object, grad: Tensor) -> Tensor:
         return grad  # straight through: the latent weight receives bin(W)'s gradient
 
 
@@ -155,7 +157,7 @@ def binary_product_error(base: StateDict, deltas: Sequence[StateDict], weights: 
         products = [binarize(b).double() @ binarize(a).double() for b, a in pairs]  # (out, in) each
         mean_prod = sum(w * p for w, p in zip(weights, products, strict=True)) / total
         mean_b, mean_a = (sum(w * p[j].double() for w, p in zip(weights, pairs, strict=True)) / total for j in (0, 1))
-        prod_mean = binarize(mean_b.float()).double() @ binarize(mean_a.float()).double()
+        prod_mean = binarize(mean_b.float()).double() @ binarize(mean_a.float()).double()  # type: ignore[union-attr]
         start = binarize(base[b_key]).double() @ binarize(base[a_key]).double()
         err_sq += float(torch.sum((prod_mean - mean_prod) ** 2))
         ref_sq += float(torch.sum((mean_prod - start) ** 2))

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from torch import Tensor
 
 from edgetune.adapters.binary import binarize, rank_axis, scales
 from edgetune.adapters.lora import init_adapter, peft_config
-from edgetune.adapters.peft_io import ADAPTER_CONFIG, atomic_save, atomic_write_text
+from edgetune.adapters.peft_io import ADAPTER_CONFIG
 from edgetune.config import LoraConfig
+from edgetune.fileio import atomic_save, atomic_write_text
+from edgetune.types import StateDict
 
 __all__ = [
     "BINARY_FORMAT",
@@ -43,7 +44,6 @@ __all__ = [
 BINARY_WEIGHTS = "adapter_binary.safetensors"
 BINARY_FORMAT = "edgetune-binary-lora/1"
 _HEADER = "edgetune-binary"
-StateDict = dict[str, Tensor]
 
 
 def _is_factor(name: str) -> bool:

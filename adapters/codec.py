@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from edgetune.types import StateDict
 from edgetune.wire import BITS, PART_SEP, SCALES, VALUES
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "raw_bytes",
 ]
 
-StateDict = dict[str, Tensor]
 Payload = dict[str, np.ndarray]
 _VALUE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 

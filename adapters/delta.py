@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["add", "clip", "global_norm", "lora_product_error", "scale", "subtract", "weighted_mean"]
+from edgetune.types import StateDict
 
-StateDict = dict[str, Tensor]
+__all__ = ["add", "clip", "global_norm", "lora_product_error", "scale", "subtract", "weighted_mean"]
 
 
 def _same_keys(a: StateDict, b: StateDict) -> None:
@@ -77,9 +77,15 @@ def weighted_mean(states: Sequence[StateDict], weights: Sequence[float]) -> Stat
     for s in states[1:]:
         _same_keys(states[0], s)
     total = float(sum(weights))
-    return {
-        k: (sum(w * s[k].double() for s, w in zip(states, weights, strict=True)) / total).float() for k in states[0]
-    }
+    return {k: (_weighted_sum([s[k].double() for s in states], weights) / total).float() for k in states[0]}
+
+
+def _weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_i w_i * t_i`` (a tensor even for one term, unlike ``sum``'s int start)."""
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights, strict=True):
+        out = out + w * t
+    return out
 
 
 def lora_product_error(base: StateDict, deltas: Sequence[StateDict], weights: Sequence[float]) -> float:
@@ -96,10 +102,8 @@ def lora_product_error(base: StateDict, deltas: Sequence[StateDict], weights: Se
         b_key = a_key.replace(".lora_A.", ".lora_B.")
         a_i = [base[a_key].double() + d[a_key].double() if a_key in d else base[a_key].double() for d in deltas]
         b_i = [base[b_key].double() + d[b_key].double() if b_key in d else base[b_key].double() for d in deltas]
-        mean_prod = sum(w * (b @ a) for w, b, a in zip(weights, b_i, a_i, strict=True)) / total
-        prod_mean = (sum(w * b for w, b in zip(weights, b_i, strict=True)) / total) @ (
-            sum(w * a for w, a in zip(weights, a_i, strict=True)) / total
-        )
+        mean_prod = _weighted_sum([b @ a for b, a in zip(b_i, a_i, strict=True)], weights) / total
+        prod_mean = (_weighted_sum(b_i, weights) / total) @ (_weighted_sum(a_i, weights) / total)
         err_sq += float(torch.sum((prod_mean - mean_prod) ** 2))
         ref_sq += float(torch.sum((mean_prod - base[b_key].double() @ base[a_key].double()) ** 2))
     return math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0

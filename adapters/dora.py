@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,10 +26,10 @@ from torch import Tensor
 from edgetune.adapters.lora import attach_lora, dora_magnitudes
 from edgetune.config import LoraConfig
 from edgetune.models import load_base
+from edgetune.types import StateDict
 
 __all__ = ["MAGNITUDE", "dora_base", "dora_weight", "dora_weight_error"]
 
-StateDict = dict[str, Tensor]
 MAGNITUDE = ".lora_magnitude_vector"
 
 
@@ -40,10 +41,10 @@ def dora_base(base: str, lora: LoraConfig) -> tuple[StateDict, StateDict]:
     """
     model, _ = load_base(base)
     peft_model = attach_lora(model, lora)
-    weights = {
-        name: peft_model.get_submodule(name.removesuffix(MAGNITUDE)).get_base_layer().weight.detach().float().clone()
-        for name in dora_magnitudes(peft_model)
-    }
+    weights: StateDict = {}
+    for name in dora_magnitudes(peft_model):
+        layer: Any = peft_model.get_submodule(name.removesuffix(MAGNITUDE))
+        weights[name] = layer.get_base_layer().weight.detach().float().clone()
     return {k: torch.linalg.norm(w, dim=1) for k, w in weights.items()}, weights
 
 
@@ -74,9 +75,18 @@ def dora_weight_error(
         prefix = m_key.removesuffix(MAGNITUDE)
         keys = (m_key, f"{prefix}.lora_B.weight", f"{prefix}.lora_A.weight")
         per_device = [[base[k].double() + d[k].double() if k in d else base[k].double() for k in keys] for d in deltas]
-        mean_w = sum(w * dora_weight(w0, *p, scaling) for w, p in zip(weights, per_device, strict=True)) / total
-        mean_p = [sum(w * p[j] for w, p in zip(weights, per_device, strict=True)) / total for j in range(3)]
-        w_of_mean = dora_weight(w0, *mean_p, scaling)
+        mean_w = _weighted_mean([dora_weight(w0, m, b, a, scaling) for m, b, a in per_device], weights, total)
+        mean_m, mean_b, mean_a = (_weighted_mean([p[j] for p in per_device], weights, total) for j in range(3))
+        w_of_mean = dora_weight(w0, mean_m, mean_b, mean_a, scaling)
         err_sq += float(torch.sum((w_of_mean - mean_w) ** 2))
-        ref_sq += float(torch.sum((mean_w - dora_weight(w0, *(base[k] for k in keys), scaling)) ** 2))
+        ref_sq += float(
+            torch.sum((mean_w - dora_weight(w0, base[keys[0]], base[keys[1]], base[keys[2]], scaling)) ** 2)
+        )
     return math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0
+
+
+def _weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float], total: float) -> Tensor:
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights, strict=True):
+        out = out + w * t
+    return out / total

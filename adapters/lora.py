@@ -19,21 +19,27 @@ weight's row norm ``||W0||_row``, so :func:`init_adapter` needs :func:`dora_magn
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from torch import Tensor, nn
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from edgetune.adapters.binary import make_binary
 from edgetune.config import LoraConfig
+from edgetune.models import load_base
+from edgetune.types import StateDict
 
 __all__ = [
     "StateDict",
     "adapter_shapes",
     "attach_lora",
+    "device_model",
     "dora_magnitudes",
     "exchanged_names",
     "get_adapter",
@@ -43,8 +49,6 @@ __all__ = [
     "set_adapter",
 ]
 
-StateDict = dict[str, Tensor]
-
 
 def peft_config(lora: LoraConfig) -> PeftLoraConfig:
     """The PEFT config for our adapter (no dropout, no bias; DoRA when ``lora.kind=dora``).
@@ -53,7 +57,7 @@ def peft_config(lora: LoraConfig) -> PeftLoraConfig:
     """
     return PeftLoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float scale works
         target_modules=list(lora.targets),
         lora_dropout=0.0,
         bias="none",
@@ -80,6 +84,18 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
     for name, param in peft_model.named_parameters():
         param.requires_grad = _travels(name, lora)
     return peft_model
+
+
+@functools.cache
+def device_model(base: str, lora: LoraConfig, quantize: str = "none") -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The process-wide base model (``quantize``: ``model.quantize``) with an adapter attached,
+    loaded once per ``(base, lora, quantize)``.
+
+    Every virtual device a simulation process serves reuses the same weights and only swaps
+    adapter tensors in (:func:`set_adapter`).
+    """
+    model, tokenizer = load_base(base, quantize)
+    return attach_lora(model, lora), tokenizer
 
 
 def _travels(name: str, lora: LoraConfig) -> bool:
@@ -137,7 +153,7 @@ def dora_magnitudes(model: PeftModel) -> StateDict:
     out: StateDict = {}
     for name in get_peft_model_state_dict(model):
         if ".lora_magnitude_vector" in name:
-            module = model.get_submodule(name.removesuffix(".lora_magnitude_vector"))
+            module: Any = model.get_submodule(name.removesuffix(".lora_magnitude_vector"))
             weight = module.get_base_layer().weight
             out[name] = torch.linalg.norm(weight.detach().float(), dim=1)
     return out

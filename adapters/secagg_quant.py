@@ -34,7 +34,8 @@ import math
 
 import numpy as np
 import torch
-from torch import Tensor
+
+from edgetune.types import StateDict
 
 __all__ = [
     "WRAP_TARGET",
@@ -53,7 +54,6 @@ __all__ = [
     "unpack_bits",
 ]
 
-StateDict = dict[str, Tensor]
 WRAP_TARGET = 1e-9
 """Upper bound we accept on the chance that the noised sum wraps around modulo 2^k."""
 ROUNDING_BETA = math.exp(-0.5)
@@ -90,7 +90,7 @@ def _stoch_round(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (low + (rng.random(y.shape) < (y - low))).astype(np.int64)
 
 
-def quantize(x: np.ndarray, c: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:
+def quantize(x: np.ndarray, c: np.ndarray | float, bits: int, rng: np.random.Generator) -> np.ndarray:
     """Levels ``q`` in ``[0, 2^b - 1]`` (uint64) with ``E[decode(q)] = clip(x, -c, c)``.
 
     Args:
@@ -104,7 +104,7 @@ def quantize(x: np.ndarray, c: np.ndarray, bits: int, rng: np.random.Generator) 
     return np.clip(_stoch_round(y, rng), 0, levels).astype(np.uint64)
 
 
-def quantized_decode(total: np.ndarray, c: np.ndarray, bits: int, count: int) -> np.ndarray:
+def quantized_decode(total: np.ndarray, c: np.ndarray | float, bits: int, count: int) -> np.ndarray:
     """``sum_i x_i`` estimated from ``total = sum_i q_i`` over ``count`` devices (float64)."""
     levels = (1 << bits) - 1
     return total.astype(np.float64) * (2 * c) / levels - count * c

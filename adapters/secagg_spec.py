@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from torch import Tensor
 
 from edgetune.adapters.secagg_quant import (
     DdpPlan,
@@ -31,10 +30,9 @@ from edgetune.adapters.secagg_quant import (
     unflatten,
 )
 from edgetune.config import RunConfig
+from edgetune.types import StateDict
 
 __all__ = ["RoundSpec", "decode_sum", "encode_input", "round_spec", "threshold_for"]
-
-StateDict = dict[str, Tensor]
 
 
 def threshold_for(cfg: RunConfig, cohort: int) -> int:

@@ -20,15 +20,16 @@ from torch import Tensor
 
 from edgetune import wire
 from edgetune.adapters.codec import Payload
+from edgetune.adapters.lora import device_model
 from edgetune.client import secagg
 from edgetune.client.device import Downlink, eval_round, sync_global, train_delta, train_round
-from edgetune.client.examples import TokenizedDevice, canary_file_for, tokenized_device
 from edgetune.client.ort_engine import select_engine
 from edgetune.client.retrieval import rag_tokenized_device
 from edgetune.client.storage import DeviceStorage
 from edgetune.client.supernode import run_state_dir
-from edgetune.client.train import device_model
 from edgetune.config import RunConfig, from_flat
+from edgetune.datasets.devices import TokenizedDevice, canary_file_for, tokenized_device
+from edgetune.lm import pad_id
 from edgetune.precision import resolve_run
 
 __all__ = ["app"]
@@ -85,7 +86,7 @@ def _open_round(msg: Message, context: Context) -> _Round:
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))
     cfg = resolve_run(cfg)  # train.precision=auto: bf16 or fp32, for this device's CPU
-    return _Round(cfg, storage, model, tokenizer.pad_token_id, data, state, int(config[wire.ROUND]), version, device_id)
+    return _Round(cfg, storage, model, pad_id(tokenizer), data, state, int(config[wire.ROUND]), version, device_id)
 
 
 def _clock() -> tuple[float, float]:

@@ -14,7 +14,6 @@ import hashlib
 from dataclasses import dataclass
 
 from peft import PeftModel
-from torch import Tensor
 
 from edgetune.adapters.codec import Payload, apply_update, compress, decode, full_codec
 from edgetune.adapters.delta import add, clip, global_norm, scale, subtract
@@ -26,16 +25,16 @@ from edgetune.adapters.lora import (
     model_adapter_shapes,
     set_adapter,
 )
-from edgetune.client.data import iterate_batches
-from edgetune.client.examples import TokenizedDevice
+from edgetune.chat import iterate_batches
 from edgetune.client.ort_engine import ORT, train_local_ort
 from edgetune.client.storage import DeviceStorage
-from edgetune.client.train import StepStats, evaluate, train_local
+from edgetune.client.train import train_local
 from edgetune.config import RunConfig
+from edgetune.datasets.devices import TokenizedDevice
+from edgetune.lm import StepStats, evaluate
+from edgetune.types import StateDict
 
 __all__ = ["Downlink", "SyncError", "clip_for_uplink", "eval_round", "sync_global", "train_delta", "train_round"]
-
-StateDict = dict[str, Tensor]
 
 
 class SyncError(RuntimeError):

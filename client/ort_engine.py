@@ -33,8 +33,8 @@ from peft import PeftModel
 
 from edgetune import wire
 from edgetune.adapters.lora import get_adapter, set_adapter
-from edgetune.client.train import StepStats
 from edgetune.config import ENGINES, RunConfig, to_flat
+from edgetune.lm import StepStats
 
 __all__ = ["ORT", "artifacts_for", "select_engine", "train_local_ort"]
 

@@ -25,8 +25,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgetune import wire
-from edgetune.adapters.peft_io import atomic_write_text
 from edgetune.client.chunking import chunk_text, document_files, read_document
+from edgetune.fileio import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     import faiss
@@ -128,19 +126,6 @@ def embed(texts: list[str], progress: bool = False) -> np.ndarray:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class RagIndex:
@@ -300,7 +285,10 @@ class RagIndex:
         gen = int(self.manifest["generation"]) + 1
         lines = "".join(json.dumps(c.__dict__, ensure_ascii=False) + "\n" for c in self.chunks)
         atomic_write_text(self.folder / f"{wire.RAG_CHUNKS_PREFIX}{gen}.jsonl", lines)
-        _atomic_save_npy(self.embeddings, self.folder / f"{wire.RAG_EMBEDDINGS_PREFIX}{gen}.npy")
+        atomic_write(
+            self.folder / f"{wire.RAG_EMBEDDINGS_PREFIX}{gen}.npy",
+            lambda fh: np.save(fh, self.embeddings, allow_pickle=False),
+        )
         self.manifest = {**self.manifest, "generation": gen, "num_chunks": len(self.chunks)}
         atomic_write_text(self.folder / wire.RAG_MANIFEST_FILE, json.dumps(self.manifest, indent=1))
         current = {f"{wire.RAG_CHUNKS_PREFIX}{gen}.jsonl", f"{wire.RAG_EMBEDDINGS_PREFIX}{gen}.npy"}

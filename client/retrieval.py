@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgetune.client.data import IGNORE_INDEX, Example, Messages, pack, tokenize_conversation
-from edgetune.client.examples import TokenizedDevice, device_conversations
+from edgetune.chat import IGNORE_INDEX, Example, Messages, pack, tokenize_conversation
 from edgetune.client.rag import Hit, RagIndex, RagIndexError
 from edgetune.config import RunConfig
+from edgetune.datasets.devices import TokenizedDevice, device_conversations
 
 __all__ = [
     "CONTEXT_HEADER",
@@ -94,7 +94,7 @@ def device_index(cfg: RunConfig, storage_root: Path, data_path: str, index: int)
             f"rag.enabled is true but the device has no index in {RagIndex.folder_of(storage_root)}; "
             f"build it with `edgetune rag build DOCS --device-dir {storage_root}`"
         )
-    from edgetune.simulations.documents import device_documents
+    from edgetune.client.documents import device_documents
 
     conv = device_conversations(cfg.data, data_path, index, cfg.federation.num_devices, cfg.seed)
     docs = device_documents(cfg.rag.documents, conv, index, cfg.federation.num_devices)
@@ -120,7 +120,7 @@ def rag_tokenized_device(
         index: The device's partition index (simulation).
         storage_root: The device's storage folder (its index is in ``rag/`` there).
         tokenizer: The base model's tokenizer.
-        canary_file: An audit run's canaries (``client.examples.canary_file_for``), planted in
+        canary_file: An audit run's canaries (``edgetune.datasets.devices.canary_file_for``), planted in
             the training split as without RAG.
     """
     rag = device_index(cfg, storage_root, data_path, index)
@@ -137,7 +137,7 @@ def _augmented(
     folder: Path,
     generation: int,
 ) -> TokenizedDevice:
-    from edgetune.simulations.documents import answer_source
+    from edgetune.client.documents import answer_source
 
     conv = device_conversations(cfg.data, data_path, index, cfg.federation.num_devices, cfg.seed)
     planted = _planted(canary_file, index)
@@ -170,7 +170,7 @@ def _encode(
 def _planted(canary_file: str, index: int) -> list[Messages]:
     if not canary_file:
         return []
-    from edgetune.client.examples import planted_canaries  # audit runs only
+    from edgetune.datasets.devices import planted_canaries  # audit runs only
 
     return planted_canaries(canary_file, index)
 

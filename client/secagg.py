@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
-from torch import Tensor
 
 from edgetune import wire
 from edgetune.adapters.delta import add
@@ -30,10 +29,9 @@ from edgetune.adapters.secagg_session import DeviceSession
 from edgetune.adapters.secagg_spec import encode_input, round_spec
 from edgetune.client.storage import DeviceStorage
 from edgetune.config import RunConfig
+from edgetune.types import StateDict
 
 __all__ = ["mask", "share", "start", "unmask"]
-
-StateDict = dict[str, Tensor]
 
 
 def _load(context: Context, msg: Message) -> tuple[DeviceSession, ConfigRecord]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
 
-from edgetune.adapters.peft_io import atomic_save, load_tensors
+from edgetune.fileio import atomic_save, load_tensors
+from edgetune.types import StateDict
 from edgetune.wire import HELD_ADAPTER_FILE, RESIDUAL_FILE
 
 __all__ = ["DeviceStorage"]
 
-StateDict = dict[str, Tensor]
 _PREV = RESIDUAL_FILE.replace(".safetensors", ".prev.safetensors")
 
 

@@ -2,7 +2,7 @@
 
 The SuperNode connects to the server's Fleet API over TLS (verifying the server against the
 federation's CA certificate), signs every request with the device's private key, and runs
-the ClientApp (``client.app:app``) for each message with node config::
+the ClientApp (``edgetune.client.app:app``) for each message with node config::
 
     data-path    the device's own JSONL file (or folder) of conversations
     storage-dir  the device's storage folder (held adapter version, error-feedback residual)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune import wire
-from edgetune.config import RunConfig, to_flat
+from edgetune.config import RESUMABLE_KEYS, RunConfig, to_flat
 from edgetune.processes import flower_executable, forward_signals, pump_lines, start, stop_tree
 
 __all__ = ["JoinOptions", "join", "node_config", "run_state_dir", "supernode_command"]
@@ -54,12 +54,6 @@ class JoinOptions:
     retry_wait: float = 5.0
 
 
-# Settings a run may change when it resumes (server/federation.py): not part of its identity.
-_RESUMABLE_KEYS = ("federation.rounds", "federation.reply-timeout")
-_RESUMABLE_KEYS += ("federation.eval-every", "federation.eval-devices", "federation.keep-checkpoints")
-_RESUMABLE_KEYS += ("federation.checkpoint-every",)
-
-
 def run_state_dir(storage_dir: Path, cfg: RunConfig) -> Path:
     """Where a real device keeps one run's adapter state: ``<storage>/runs/<run key>``.
 
@@ -70,7 +64,7 @@ def run_state_dir(storage_dir: Path, cfg: RunConfig) -> Path:
 
     Example: ``state/runs/3f2a9c0d51e7`` for every round of one run.
     """
-    flat = {k: v for k, v in to_flat(cfg).items() if k not in _RESUMABLE_KEYS}
+    flat = {k: v for k, v in to_flat(cfg).items() if k not in RESUMABLE_KEYS}
     key = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:12]
     return storage_dir / wire.DEVICE_RUNS_DIR / key
 

@@ -37,7 +37,7 @@ import torch
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from edgetune.edge_export.errors import ExportError, RunnerUnavailable
-from edgetune.edge_export.pipeline import ExportOptions, Stage
+from edgetune.edge_export.options import ExportOptions, Stage
 
 __all__ = ["BACKENDS", "FORMAT", "PteFormat", "PteRunner"]
 

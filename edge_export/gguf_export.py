@@ -29,8 +29,8 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from edgetune.edge_export.errors import ExportError
+from edgetune.edge_export.options import ExportOptions, Stage
 from edgetune.edge_export.parity import EagerRunner
-from edgetune.edge_export.pipeline import ExportOptions, Stage
 
 __all__ = ["FORMAT", "GgufFormat", "gguf_runner", "tokenizer_fields"]
 

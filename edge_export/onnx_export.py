@@ -20,8 +20,6 @@ each new token with the cache the previous call returned (:class:`OnnxRunner`).
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,11 +31,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from edgetune.edge_export.errors import ExportError
+from edgetune.fileio import atomic_copy
 
 if TYPE_CHECKING:
     import onnxruntime
 
-    from edgetune.edge_export.pipeline import ExportOptions, Stage
+    from edgetune.edge_export.options import ExportOptions, Stage
 
 __all__ = [
     "FORMAT",
@@ -263,14 +262,6 @@ def reject_unsupported(name: str, opts: ExportOptions) -> None:
         raise ExportError(f"--float-type {opts.float_type} is not supported by --format {name} (fp32 only)")
 
 
-def _write_atomically(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    tmp.replace(dest)
-
-
 class OnnxFormat:
     """``--format onnx``: merged fp32 model -> ``model.onnx`` for ONNX Runtime inference."""
 
@@ -292,7 +283,7 @@ class OnnxFormat:
             with stage("lower"):
                 check_graph(traced)
             with stage("serialise"):
-                _write_atomically(traced, out / MODEL_FILE)
+                atomic_copy(traced, out / MODEL_FILE)
                 tokenizer.save_pretrained(out)
         return out / MODEL_FILE
 

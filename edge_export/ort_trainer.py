@@ -160,7 +160,7 @@ def _torch_stepper(
     model: PeftModel, batch: dict[str, Tensor], learning_rate: float, precision: str
 ) -> Callable[[], float]:
     """One device-path PyTorch step per call (``client.train.train_local``'s inner loop)."""
-    from edgetune.client.train import autocast, summed_loss
+    from edgetune.lm import autocast, summed_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)

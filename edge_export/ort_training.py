@@ -11,7 +11,7 @@ Stages (inside the pipeline's export / lower / serialise)::
                ``onnx_export``, adapter unmerged, for generation and the parity check) and
                the tokenizer, in one folder
 
-The loss is exactly the device's PyTorch loss (``client.train.summed_loss`` divided by the
+The loss is exactly the device's PyTorch loss (``edgetune.lm.summed_loss`` divided by the
 label-token count, computed in the graph): next-token cross-entropy over positions whose label
 is not -100, the LM head run on those positions only. ORT CPU training runs in fp32 (no bf16
 autocast); the PyTorch device path defaults to bf16.
@@ -43,6 +43,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from edgetune.chat import IGNORE_INDEX
 from edgetune.edge_export.errors import ExportError
 from edgetune.edge_export.onnx_export import (
     OnnxRunner,
@@ -51,9 +52,10 @@ from edgetune.edge_export.onnx_export import (
     reject_unsupported,
     trace,
 )
+from edgetune.lm import label_mask, summed_loss
 
 if TYPE_CHECKING:
-    from edgetune.edge_export.pipeline import ExportOptions, Stage
+    from edgetune.edge_export.options import ExportOptions, Stage
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -95,11 +97,9 @@ class LossGraph(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        from edgetune.client.train import summed_loss
-
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         loss_sum, _ = summed_loss(self.model, batch)
-        count = (labels[:, 1:] != -100).sum().clamp(min=1)
+        count = label_mask(batch).sum().clamp(min=1)
         return loss_sum / count
 
 
@@ -108,8 +108,8 @@ def _example_batch() -> tuple[Tensor, Tensor, Tensor]:
     ids = torch.arange(24, dtype=torch.long).reshape(2, 12) % 200 + 1
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
-    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-    labels[:, :4] = -100
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
+    labels[:, :4] = IGNORE_INDEX
     return ids, mask, labels
 
 
@@ -125,7 +125,7 @@ def peft_name(onnx_name: str) -> str:
 
 def label_tokens(labels: np.ndarray) -> int:
     """Positions that carry a next-token label (what the loss averages over)."""
-    return int((labels[:, 1:] != -100).sum())
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 @contextlib.contextmanager

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgetune.adapters.peft_io import atomic_write_text
 from edgetune.edge_export.errors import ExportError
+from edgetune.fileio import atomic_write_text
 
 if TYPE_CHECKING:
-    from edgetune.edge_export.pipeline import ExportOptions, Runner
+    from edgetune.edge_export.options import ExportOptions, Runner
 
 __all__ = [
     "PARITY_FILE",

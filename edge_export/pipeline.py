@@ -13,25 +13,32 @@ Stages, in order (each printed with its wall time)::
 Stages 3-5 belong to the format: :class:`ExportFormat.export` receives ``stage`` and opens
 them itself. Formats are looked up by name in :data:`FORMATS`; each format module defines a
 module-level ``FORMAT`` object and imports its heavy toolchain (executorch, onnx, ...) inside
-its functions, so that importing this registry stays cheap.
+its functions, so that importing this registry stays cheap. The types they share live in
+:mod:`edgetune.edge_export.options`, which imports none of them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from edgetune.edge_export import executorch_export, gguf_export, onnx_export, ort_training
 from edgetune.edge_export.errors import ExportError, RunnerUnavailable
+from edgetune.edge_export.options import (
+    FLOAT_TYPES,
+    QUANTIZE,
+    STAGES,
+    ExportFormat,
+    ExportOptions,
+    Runner,
+    Stage,
+    stage_printer,
+)
 
 __all__ = [
     "FLOAT_TYPES",
@@ -48,99 +55,15 @@ __all__ = [
     "stage_printer",
 ]
 
-STAGES = ("load", "merge", "export", "lower", "serialise", "parity")
-QUANTIZE = ("none", "8bit", "4bit")
-FLOAT_TYPES = ("f32", "f16")
-
-Stage = Callable[[str], AbstractContextManager[None]]
-"""``stage("lower")`` opens a named pipeline stage; it prints its start and its wall time."""
+FORMATS: dict[str, ExportFormat] = {
+    m.FORMAT.name: m.FORMAT for m in (executorch_export, onnx_export, ort_training, gguf_export)
+}
+"""Format name (the ``--format`` choice) -> format object, in ``--help`` order."""
 
 
-@dataclass(frozen=True)
-class ExportOptions:
-    """What the user chose for one export (format-independent)."""
-
-    out: Path
-    """Output folder; created if missing. The artefact and ``parity.json`` go here."""
-    quantize: str = "none"
-    """Weight quantisation: ``none``, ``8bit`` or ``4bit`` (pte only; other formats reject
-    anything but ``none`` with an :class:`ExportError`)."""
-    backend: str = "xnnpack"
-    """Lowering backend of the pte format: ``xnnpack``, ``coreml``, ``qnn``, ``portable``...
-    Other formats ignore it."""
-    max_seq_len: int = 256
-    """KV-cache length / static sequence length of the exported model (prompt + new tokens)."""
-    float_type: str = "f32"
-    """Storage type of weights that are not quantised: ``f32`` or ``f16`` (gguf only; the
-    other formats export fp32 and reject ``f16``)."""
-
-    def __post_init__(self) -> None:
-        if self.quantize not in QUANTIZE:
-            raise ExportError(f"--quantize {self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
-        if self.float_type not in FLOAT_TYPES:
-            raise ExportError(f"--float-type {self.float_type!r}: choose one of {', '.join(FLOAT_TYPES)}")
-        if self.max_seq_len < 8:
-            raise ExportError(f"--max-seq-len {self.max_seq_len}: must be at least 8")
-
-
-class Runner(Protocol):
-    """A loaded artefact, as the parity check drives it (batch 1, greedy)."""
-
-    def next_token_logits(self, ids: list[int]) -> np.ndarray:
-        """Logits (vocab,) fp32 for the token after ``ids`` (a fresh sequence, no state kept)."""
-        ...
-
-    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        """Exactly ``max_new_tokens`` greedy new ids after ``ids`` (no stop at EOS)."""
-        ...
-
-
-class ExportFormat(Protocol):
-    """One artefact format: how to write it and how to run it back.
-
-    A format may also define ``check_options(opts) -> None`` raising :class:`ExportError`;
-    the pipeline calls it before loading the model, so a bad choice fails in a second.
-    """
-
-    name: str
-
-    def export(
-        self, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, opts: ExportOptions, stage: Stage
-    ) -> Path:
-        """Write the artefact for the merged ``model`` under ``opts.out`` and return its path.
-
-        Raises:
-            ExportError: an unsupported choice (backend, quantisation, architecture).
-        """
-        ...
-
-    def load(self, artefact: Path) -> Runner:
-        """Load an artefact this format wrote.
-
-        Raises:
-            RunnerUnavailable: the artefact cannot run on this machine (e.g. Core ML on Linux).
-        """
-        ...
-
-
-@functools.cache
 def formats() -> dict[str, ExportFormat]:
-    """Format name (the ``--format`` choice) -> format object, in ``--help`` order.
-
-    Built on first use, not at import: the format modules import this one for
-    :class:`ExportOptions`, so they must be able to load it first.
-    """
-    from edgetune.edge_export import executorch_export, gguf_export, onnx_export, ort_training
-
-    modules = (executorch_export, onnx_export, ort_training, gguf_export)
-    return {m.FORMAT.name: m.FORMAT for m in modules}
-
-
-def __getattr__(name: str) -> Any:
-    # ``FORMATS`` reads like a constant but resolves lazily (see :func:`formats`).
-    if name == "FORMATS":
-        return formats()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    """:data:`FORMATS` (a copy)."""
+    return dict(FORMATS)
 
 
 @dataclass
@@ -153,28 +76,6 @@ class ExportResult:
     """The parity report (also written as ``parity.json``), ``None`` when the check was off."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time per stage name."""
-
-
-def stage_printer(seconds: dict[str, float], print_fn: Callable[[str], None] = print) -> Stage:
-    """Make the ``stage`` context manager: numbered lines with wall times, recorded in ``seconds``.
-
-    Example:
-        >>> times = {}
-        >>> stage = stage_printer(times)
-        >>> with stage("lower"):  # prints "[4/6] lower ..." then "[4/6] lower done in 0.0 s"
-        ...     pass
-    """
-
-    @contextlib.contextmanager
-    def stage(name: str) -> Iterator[None]:
-        number = f"[{STAGES.index(name) + 1}/{len(STAGES)}]" if name in STAGES else "[-]"
-        print_fn(f"{number} {name} ...")
-        start = time.perf_counter()
-        yield
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-        print_fn(f"{number} {name} done in {seconds[name]:.1f} s")
-
-    return stage
 
 
 def _flush_print(line: str) -> None:

@@ -17,9 +17,24 @@ import dataclasses
 import json
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from edgetune import wire
+from edgetune.types import (
+    CODECS,
+    ENGINES,
+    PRECISIONS,
+    Codec,
+    DpAccountant,
+    DpClipSite,
+    DpSampling,
+    Engine,
+    Partition,
+    TrainPrecision,
+)
 
 __all__ = [
     "AGGREGATORS",
@@ -36,21 +51,33 @@ __all__ = [
     "RunConfig",
     "SecAggConfig",
     "TrainConfig",
+    "ENGINES",
+    "PRECISIONS",
+    "RESUMABLE_KEYS",
     "from_flat",
+    "parse_overrides",
+    "read_run_config",
     "to_flat",
 ]
 
-CODECS = ("1bit", "fp16", "fp32")
-PARTITIONS = ("lang-topic", "iid", "dirichlet")
-PRECISIONS = ("bf16", "fp32")
-TRAIN_PRECISIONS = ("auto", *PRECISIONS)  # auto: resolved per CPU by edgetune/precision.py
-ENGINES = ("pytorch", "onnxruntime")
-DP_CLIP_SITES = ("server", "device")
-DP_ACCOUNTANTS = ("rdp", "pld")
-DP_SAMPLINGS = ("poisson", "fixed")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "norm-bound", "multi-krum", "centered-clip")
 LORA_KINDS = ("lora", "dora", "binary")
 BASE_QUANTIZE = ("none", "int8", "int4")
+
+# Settings a run may change when it resumes: not part of its identity (the server's resume
+# check and a device's per-run state folder both leave them out).
+RESUMABLE_KEYS = frozenset(
+    {
+        "federation.rounds",
+        "federation.reply-timeout",
+        "dp.max-epsilon",
+        "federation.eval-every",
+        "federation.eval-devices",
+        "federation.keep-checkpoints",
+        "federation.checkpoint-every",
+    }
+)
+
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -61,6 +88,15 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, value: object, need: str) -> None:
     if not ok:
         raise ConfigError(f"config {key}={value!r}: {need}")
+
+
+def _check_choices(section: object, prefix: str) -> None:
+    """Every ``Literal``-typed field of ``section`` holds one of its choices."""
+    for name, kind in _field_types(type(section)).items():
+        if typing.get_origin(kind) is Literal:
+            choices = typing.get_args(kind)
+            value = getattr(section, name)
+            _check(value in choices, f"{prefix}.{name.replace('_', '-')}", value, f"one of {choices}")
 
 
 @dataclass(frozen=True)
@@ -111,7 +147,7 @@ class DataConfig:
     source: str = "chatterbot"
     """``chatterbot`` (embedded chatterbot-corpus) or a JSONL file / folder of JSONL files;
     a folder holding one file per device gives device i its i-th file (sorted)."""
-    partition: str = "lang-topic"
+    partition: Partition = "lang-topic"
     """How the embedded corpus is split: ``lang-topic`` (natural non-IID: a device is one
     (language, topic) slice), ``iid`` or ``dirichlet``."""
     languages: tuple[str, ...] = ("english",)
@@ -128,7 +164,7 @@ class DataConfig:
     """Concatenate examples into blocks of ``max_length`` tokens."""
 
     def __post_init__(self) -> None:
-        _check(self.partition in PARTITIONS, "data.partition", self.partition, f"one of {PARTITIONS}")
+        _check_choices(self, "data")
         _check(0 < self.heldout_fraction < 1, "data.heldout-fraction", self.heldout_fraction, "in (0, 1)")
         _check(self.max_length >= 8, "data.max-length", self.max_length, "must be >= 8")
         _check(self.max_eval_examples >= 1, "data.max-eval-examples", self.max_eval_examples, "must be >= 1")
@@ -145,11 +181,11 @@ class TrainConfig:
     """Conversations per step."""
     learning_rate: float = 2e-3
     """AdamW learning rate for the adapter parameters."""
-    precision: str = "auto"
+    precision: TrainPrecision = "auto"
     """``auto`` (bf16 autocast where the CPU has bf16 matrix units, AMX or AVX512-BF16, about
     2x faster there; fp32 elsewhere, where bf16 is several times slower; resolved by each
     device for itself, ``edgetune/precision.py``), ``bf16`` or ``fp32``."""
-    engine: str = "pytorch"
+    engine: Engine = "pytorch"
     """What runs the local steps: ``pytorch`` or ``onnxruntime`` (ONNX Runtime training
     artefacts built once per device, always fp32). A SuperNode's ``train-engine`` node config
     overrides it for that device."""
@@ -158,12 +194,11 @@ class TrainConfig:
     ``engine`` says, so one run can mix engines."""
 
     def __post_init__(self) -> None:
-        _check(self.engine in ENGINES, "train.engine", self.engine, f"one of {ENGINES}")
+        _check_choices(self, "train")
         _check(all(d.isdigit() for d in self.ort_devices), "train.ort-devices", self.ort_devices, "partition ids")
         _check(self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
         _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
         _check(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "must be > 0")
-        _check(self.precision in TRAIN_PRECISIONS, "train.precision", self.precision, f"one of {TRAIN_PRECISIONS}")
 
 
 @dataclass(frozen=True)
@@ -177,7 +212,7 @@ class FederationConfig:
     devices_per_round: int = 0
     """Devices sampled for training each round (uniformly, seeded by run seed and round);
     0 means all of them."""
-    codec: str = "1bit"
+    codec: Codec = "1bit"
     """Exchange codec, both directions: ``1bit`` (sign bits + per-row scales, error
     feedback), ``fp16`` or ``fp32``."""
     min_replies: int = 1
@@ -221,7 +256,7 @@ class FederationConfig:
             self.devices_per_round,
             f"in [0, num-devices={self.num_devices}] (0: all)",
         )
-        _check(self.codec in CODECS, "federation.codec", self.codec, f"one of {CODECS}")
+        _check_choices(self, "federation")
         _check(self.min_replies >= 1, "federation.min-replies", self.min_replies, "must be >= 1")
         _check(self.reply_timeout > 0, "federation.reply-timeout", self.reply_timeout, "must be > 0")
         _check(0 <= self.dropout < 1, "federation.dropout", self.dropout, "in [0, 1)")
@@ -263,7 +298,7 @@ class DpConfig:
     training (9.4-11.0 on four devices); it scales with local steps and learning rate."""
     noise_multiplier: float = 1.0
     """z: the noise on the sum has standard deviation z * C per coordinate."""
-    clip_on: str = "server"
+    clip_on: DpClipSite = "server"
     """``server`` (clip the decoded delta) or ``device`` (the device also clips before
     encoding, so less error feedback is wasted; the server still clips what it decodes)."""
     min_replies: int = 2
@@ -272,21 +307,19 @@ class DpConfig:
     """Target delta of the (epsilon, delta) guarantee; keep it well below 1 / num-devices."""
     max_epsilon: float = 0.0
     """Stop the run before a round would push epsilon above this; 0 means no limit."""
-    accountant: str = "rdp"
+    accountant: DpAccountant = "rdp"
     """``rdp`` (Renyi DP, both samplings) or ``pld`` (privacy-loss distributions, Poisson only)."""
-    sampling: str = "poisson"
+    sampling: DpSampling = "poisson"
     """``poisson`` (each device joins a round independently with probability
     devices-per-round / num-devices) or ``fixed`` (exactly devices-per-round, without replacement)."""
 
     def __post_init__(self) -> None:
         _check(self.clip_norm > 0, "dp.clip-norm", self.clip_norm, "must be > 0")
         _check(self.noise_multiplier > 0, "dp.noise-multiplier", self.noise_multiplier, "must be > 0")
-        _check(self.clip_on in DP_CLIP_SITES, "dp.clip-on", self.clip_on, f"one of {DP_CLIP_SITES}")
+        _check_choices(self, "dp")
         _check(self.min_replies >= 1, "dp.min-replies", self.min_replies, "must be >= 1")
         _check(0 < self.delta < 1, "dp.delta", self.delta, "in (0, 1)")
         _check(self.max_epsilon >= 0, "dp.max-epsilon", self.max_epsilon, "must be >= 0 (0: no limit)")
-        _check(self.accountant in DP_ACCOUNTANTS, "dp.accountant", self.accountant, f"one of {DP_ACCOUNTANTS}")
-        _check(self.sampling in DP_SAMPLINGS, "dp.sampling", self.sampling, f"one of {DP_SAMPLINGS}")
         _check(
             not (self.accountant == "pld" and self.sampling == "fixed"),
             "dp.accountant",
@@ -501,6 +534,11 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config {key}={value!r}: expected an integer") from None
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise ConfigError(f"config {key}={value!r}: one of {choices}")
+        return value
     if kind is float:
         try:
             number = float(value) if not isinstance(value, bool) else math.nan
@@ -556,3 +594,40 @@ def to_flat(config: RunConfig) -> dict[str, bool | int | float | str]:
 def dumps(config: RunConfig) -> str:
     """The resolved config as pretty JSON (what the run folder keeps)."""
     return json.dumps(to_flat(config), indent=2, sort_keys=True)
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, str]:
+    """``--set KEY=VALUE`` flags as a flat mapping (values stay strings; :func:`from_flat` types them).
+
+    Example:
+        >>> parse_overrides(["lora.rank=4", "train.learning-rate = 1e-3"])
+        {'lora.rank': '4', 'train.learning-rate': '1e-3'}
+
+    Raises:
+        ConfigError: an item has no ``=``.
+    """
+    flat: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        flat[key.strip()] = value.strip()
+    return flat
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The flat config a run folder was made with (its ``config.json``).
+
+    Raises:
+        ConfigError: ``run_dir`` is not a folder holding a readable ``config.json``.
+    """
+    path = Path(run_dir) / wire.CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no {wire.CONFIG_FILE} there, so it is not a run folder")
+    try:
+        flat = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable ({err})") from None
+    if not isinstance(flat, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys")
+    return flat

@@ -18,6 +18,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -136,8 +137,9 @@ def _cached_conversion(gguf: Path) -> Path:
     except (ValueError, KeyError, OSError) as err:
         raise ModelError(f"cannot load GGUF {gguf}: {err}") from err
     _fix_pretokenizer(gguf, tokenizer)
-    if model.hf_quantizer is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer: Any = model.hf_quantizer
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -199,7 +201,7 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         return LlamaForCausalLM(config).eval()
 
 
-def load_base(spec: str, quantize: str = "none") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_base(spec: str, quantize: str = "none") -> tuple[Any, PreTrainedTokenizerBase]:
     """Load a base model (fp32, eval mode) and its tokenizer, fully offline.
 
     ``quantize`` (``model.quantize``: none, int8, int4) quantises the decoder's Linear weights
@@ -213,8 +215,8 @@ def load_base(spec: str, quantize: str = "none") -> tuple[PreTrainedModel, PreTr
 
     folder = resolve_base(spec)
     if folder is None:
-        tokenizer = tiny_tokenizer()
-        return quantize_model(tiny_llama(len(tokenizer)), quantize), tokenizer
+        tiny = tiny_tokenizer()
+        return quantize_model(tiny_llama(len(tiny)), quantize), tiny
     _go_offline()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if not tokenizer.chat_template:

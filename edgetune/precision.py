@@ -119,4 +119,4 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     chosen = resolved_for_this_cpu(cfg.train.precision).precision
     if chosen == cfg.train.precision:
         return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The Flower ServerApp: read the run config, hand the Grid to ``run_federation``.
 
-``server.app:app`` reads Flower's flat run-config (``flwr run``, Deployment Engine);
+``edgetune.server.app:app`` reads Flower's flat run-config (``flwr run``, Deployment Engine);
 :func:`server_app_for` binds a config directly, for ``run_simulation``, which does not pass
 ``[tool.flwr.app.config]`` on.
 """

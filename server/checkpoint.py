@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 
 from edgetune.adapters.codec import Payload
-from edgetune.adapters.peft_io import atomic_save, load_tensors
+from edgetune.fileio import atomic_save, load_tensors
 from edgetune.server.accounting import events_from_json, events_to_json
 from edgetune.server.strategy import ServerState
 from edgetune.wire import CHECKPOINT_DIR, UPDATES_DIR

@@ -32,10 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from edgetune.adapters.delta import global_norm
 from edgetune.config import DpConfig
+from edgetune.types import StateDict
 
 __all__ = [
     "PrivateMean",
@@ -45,8 +45,6 @@ __all__ = [
     "noise_generator",
     "private_mean",
 ]
-
-StateDict = dict[str, Tensor]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetune import wire
-from edgetune.adapters.peft_io import atomic_write_text
+from edgetune.fileio import atomic_write_text
 
 __all__ = ["OVERALL", "VARIANTS", "eval_table", "plot_eval", "verdict", "write_eval"]
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from torch import Tensor
 from tqdm import tqdm
 
 from edgetune import wire
@@ -40,8 +39,9 @@ from edgetune.adapters.codec import Payload, raw_bytes
 from edgetune.adapters.delta import lora_product_error
 from edgetune.adapters.dora import dora_base, dora_weight_error
 from edgetune.adapters.lora import adapter_shapes
-from edgetune.adapters.peft_io import atomic_write_text, save_adapter
-from edgetune.config import ConfigError, RunConfig, dumps, from_flat, to_flat
+from edgetune.adapters.peft_io import save_adapter
+from edgetune.config import RESUMABLE_KEYS, ConfigError, RunConfig, dumps, from_flat, to_flat
+from edgetune.fileio import atomic_write_text
 from edgetune.models import model_skeleton, resolve_base
 from edgetune.server.accounting import RoundEvent, epsilon, next_event
 from edgetune.server.audit.canaries import ensure_canaries
@@ -65,11 +65,11 @@ from edgetune.server.secagg import secagg_round, skellam_event
 from edgetune.server.strategy import DeltaFedAvg
 from edgetune.server.uplinks import record_uplink
 from edgetune.server.validate import Rejection, TrainReply, delta_rms_bound, validate_eval, validate_train
+from edgetune.types import StateDict
 
 __all__ = ["FederationError", "run_federation"]
 
 log = logging.getLogger("edgetune.server")
-StateDict = dict[str, Tensor]
 
 
 class FederationError(RuntimeError):
@@ -390,9 +390,7 @@ def _check_resumable(run_dir: Path, cfg: RunConfig) -> None:
     old, new = json.loads(saved.read_text()), to_flat(cfg)
     with contextlib.suppress(ConfigError):  # a folder from an older edgetune: its missing keys took the defaults
         old = to_flat(from_flat(old))
-    free = {"federation.rounds", "run-dir", "federation.reply-timeout", "dp.max-epsilon"}
-    free |= {"federation.eval-every", "federation.eval-devices", "federation.keep-checkpoints"}
-    free |= {"federation.checkpoint-every"}
+    free = RESUMABLE_KEYS | {"run-dir"}  # the folder itself is this run's identity here
     changed = sorted(k for k in old.keys() | new.keys() if k not in free and old.get(k) != new.get(k))
     if changed:
         raise FederationError(

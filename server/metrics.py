@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgetune.adapters.peft_io import atomic_write_text
+from edgetune.fileio import atomic_write_text
 from edgetune.wire import METRICS_FILE, PENDING_FILE
 
 __all__ = [

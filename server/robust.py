@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 from edgetune.config import AGGREGATORS
+from edgetune.types import StateDict
 
 __all__ = ["AGGREGATORS", "Aggregate", "aggregate"]
 
-StateDict = dict[str, Tensor]
 _CENTERED_CLIP_ITERATIONS = 3
 
 

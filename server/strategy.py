@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import Tensor
-
 from edgetune.adapters.codec import (
     Payload,
     apply_update,
@@ -39,11 +37,10 @@ from edgetune.adapters.delta import add, subtract, weighted_mean
 from edgetune.adapters.lora import exchanged_names, init_adapter
 from edgetune.config import RunConfig
 from edgetune.server.accounting import RoundEvent
+from edgetune.types import StateDict
 from edgetune.wire import FULL, UPDATE_PREFIX
 
 __all__ = ["DeltaFedAvg", "ServerState", "bounded_chain"]
-
-StateDict = dict[str, Tensor]
 
 
 @dataclass

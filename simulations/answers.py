@@ -20,9 +20,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from edgetune.adapters.lora import set_adapter
-from edgetune.client.data import Messages
-from edgetune.client.examples import TokenizedDevice
-from edgetune.client.train import autocast, evaluate
+from edgetune.chat import Messages
+from edgetune.datasets.devices import TokenizedDevice
+from edgetune.lm import autocast, evaluate, pad_id
 from edgetune.server.answer_metrics import score_answers
 
 __all__ = ["Question", "generate_answers", "generate_ids", "heldout_questions", "score_variant"]
@@ -82,7 +82,7 @@ def generate_ids(
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must both be >= 1")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     encoded = [
         list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
         for p in prompts
@@ -90,13 +90,13 @@ def generate_ids(
     model.eval()
     rows: list[list[int]] = []
     for start in range(0, len(encoded), batch_size):
-        batch = _left_padded([ids[-max_prompt_tokens:] for ids in encoded[start : start + batch_size]], pad_id)
+        batch = _left_padded([ids[-max_prompt_tokens:] for ids in encoded[start : start + batch_size]], pad)
         with autocast(precision):
             out = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                pad_token_id=pad_id,
+                pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
             )
         for row in out[:, batch["input_ids"].shape[1] :].tolist():  # (B, <= max_new_tokens)
@@ -145,8 +145,7 @@ def score_variant(
     answers = generate_answers(
         model, tokenizer, [q.prompt for q in questions], max_new_tokens, batch_size, precision, max_prompt_tokens
     )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loss = evaluate(model, tokenized.heldout, pad_id, loss_batch_size, precision)
+    loss = evaluate(model, tokenized.heldout, pad_id(tokenizer), loss_batch_size, precision)
     return {
         "answers": answers,
         **score_answers(answers, [q.reference for q in questions]),

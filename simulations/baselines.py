@@ -10,7 +10,7 @@ Every baseline starts where the run started (A from the run seed, B = 0; ``init_
 except ``personalised``, which starts from the global adapter, and all use the run's batch
 size, learning rate and precision. Local-only and centralised train with one AdamW optimizer
 over all their steps (the run restarts it every round). Batches come from
-``client.data.iterate_batches`` with a seed derived from (run seed, baseline, device), so a
+``edgetune.chat.iterate_batches`` with a seed derived from (run seed, baseline, device), so a
 rerun repeats exactly. The PyTorch engine trains every baseline.
 """
 
@@ -22,13 +22,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from peft import PeftModel
-from torch import Tensor
 
 from edgetune.adapters.lora import get_adapter, set_adapter
-from edgetune.client.data import Batch, Example, iterate_batches
-from edgetune.client.examples import TokenizedDevice
+from edgetune.chat import Batch, Example, iterate_batches
 from edgetune.client.train import train_local
 from edgetune.config import RunConfig
+from edgetune.datasets.devices import TokenizedDevice
+from edgetune.types import StateDict
 
 __all__ = [
     "Trained",
@@ -39,8 +39,6 @@ __all__ = [
     "personalised",
     "train_adapter",
 ]
-
-StateDict = dict[str, Tensor]
 
 
 @dataclass(frozen=True)

@@ -51,14 +51,16 @@ _PER_VARIANT = {"run-dir", "lora.rank", "lora.kind", "model.quantize"}
 
 def _peak_rss_child(flat: dict[str, object], queue: multiprocessing.Queue) -> None:
     """In a fresh process: load, attach, train K steps as device 0; report ru_maxrss (MiB)."""
-    from edgetune.client.data import iterate_batches
-    from edgetune.client.examples import tokenized_device
-    from edgetune.client.train import device_model, train_local
+    from edgetune.adapters.lora import device_model
+    from edgetune.chat import iterate_batches
+    from edgetune.client.train import train_local
+    from edgetune.datasets.devices import tokenized_device
+    from edgetune.lm import pad_id
 
     cfg = from_flat(flat)
     model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize)
     data = tokenized_device(cfg.data, "", 0, cfg.federation.num_devices, cfg.seed, tokenizer)
-    batches = iterate_batches(data.train, cfg.train.batch_size, cfg.train.local_steps, cfg.seed, tokenizer.pad_token_id)
+    batches = iterate_batches(data.train, cfg.train.batch_size, cfg.train.local_steps, cfg.seed, pad_id(tokenizer))
     stats = train_local(model, batches, cfg.train)
     queue.put({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": stats.loss})
 
@@ -79,7 +81,8 @@ def adapter_sizes(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
     import torch
 
     from edgetune.adapters.binary_io import BINARY_WEIGHTS
-    from edgetune.adapters.peft_io import atomic_save, load_adapter
+    from edgetune.adapters.peft_io import load_adapter
+    from edgetune.fileio import atomic_save
 
     folder = run_dir / "adapter"
     state = load_adapter(folder)

@@ -1,9 +1,10 @@
 """Distillation benchmark: SmolLM2-135M-Instruct teacher -> depth-pruned half-depth student.
 
-    flock /tmp/edgetune-heavy.lock nice -n 5 .venv/bin/python -m simulations.bench_distill
-    python -m simulations.bench_distill --teacher tiny --student prune:1 --train-limit 16 --epochs 2 --max-length 512
+    flock /tmp/edgetune-heavy.lock nice -n 5 .venv/bin/python -m edgetune.simulations.bench_distill
+    python -m edgetune.simulations.bench_distill --teacher tiny --student prune:1 \\
+        --train-limit 16 --epochs 2 --max-length 512
 
-On the cloud's public prompt set (``simulations.public_prompts``, disjoint from the devices'
+On the cloud's public prompt set (``edgetune.datasets.public_prompts``, disjoint from the devices'
 chatterbot data), one run measures: held-out loss of the teacher, of the pruned student
 before distillation and after it; the forward-pass speed (tokens/s) of student and teacher;
 the teacher-pass seconds and the seconds of each training epoch (epoch 2+ reads the teacher's

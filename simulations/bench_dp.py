@@ -1,7 +1,7 @@
 """What user-level DP costs in held-out loss, and the epsilon it buys, on one federation.
 
-    flock /tmp/edgetune-heavy.lock nice -n 5 python -m simulations.bench_dp     # SmolLM2, ~10 min alone
-    python -m simulations.bench_dp --base tiny --devices 3 --rounds 2 --steps 2  # smoke test
+    flock /tmp/edgetune-heavy.lock nice -n 5 python -m edgetune.simulations.bench_dp     # SmolLM2, ~10 min alone
+    python -m edgetune.simulations.bench_dp --base tiny --devices 3 --rounds 2 --steps 2  # smoke test
 
 Three simulations with the same devices, seeds and steps (all devices every round, so the
 sampling adds no amplification and the runs differ only in the aggregation):

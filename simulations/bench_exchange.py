@@ -1,8 +1,8 @@
 """fp32 exchange vs 1-bit exchange on the same federation, plus the exactness of FedAvg in
 the default (B-only) mode vs the both-factor mode.
 
-    python -m simulations.bench_exchange                        # SmolLM2, simulate's defaults
-    python -m simulations.bench_exchange --base tiny --rounds 2 --devices 3 --steps 2
+    python -m edgetune.simulations.bench_exchange                        # SmolLM2, simulate's defaults
+    python -m edgetune.simulations.bench_exchange --base tiny --rounds 2 --devices 3 --steps 2
 
 Three simulations with the same devices, seeds and steps:
     fp32     B-only, fp32 deltas both ways

@@ -1,9 +1,9 @@
 """Export benchmark on SmolLM2 with a federated adapter: XNNPACK .pte and GGUF parity and
 speed against eager PyTorch, and the ONNX Runtime training step next to PyTorch's.
 
-    flock /tmp/edgetune-heavy.lock nice -n 5 python -m simulations.bench_export
-    python -m simulations.bench_export --base tiny --adapter '' --new-tokens 8 --out bench-out/export-tiny
-    python -m simulations.bench_export --quantize 4bit     # add an 8da4w .pte row
+    flock /tmp/edgetune-heavy.lock nice -n 5 python -m edgetune.simulations.bench_export
+    python -m edgetune.simulations.bench_export --base tiny --adapter '' --new-tokens 8 --out bench-out/export-tiny
+    python -m edgetune.simulations.bench_export --quantize 4bit     # add an 8da4w .pte row
 
 Method: the base model and the adapter (default ``runs/default/adapter``, a PEFT folder from
 ``edgetune simulate``) are loaded and merged once; each artefact is exported from that same
@@ -52,10 +52,11 @@ def _ort_step(base: str, adapter: Path | None, out: Path, batch_size: int) -> di
     """ORT training step vs PyTorch step on one batch of device data (export-B's ``benchmark_step``)."""
     from edgetune.adapters.lora import attach_lora, set_adapter
     from edgetune.adapters.peft_io import load_adapter
-    from edgetune.client.data import iterate_batches
-    from edgetune.client.examples import tokenized_device
+    from edgetune.chat import iterate_batches
     from edgetune.config import DataConfig, LoraConfig
+    from edgetune.datasets.devices import tokenized_device
     from edgetune.edge_export import ort_trainer, ort_training
+    from edgetune.lm import pad_id
     from edgetune.models import load_base
 
     model, tokenizer = load_base(base)
@@ -63,7 +64,7 @@ def _ort_step(base: str, adapter: Path | None, out: Path, batch_size: int) -> di
     if adapter is not None:
         set_adapter(peft_model, load_adapter(adapter))
     data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
-    batch = next(iter(iterate_batches(data.train, batch_size, 1, 0, tokenizer.pad_token_id)))
+    batch = next(iter(iterate_batches(data.train, batch_size, 1, 0, pad_id(tokenizer))))
     start = time.perf_counter()
     folder = ort_training.build_artifacts(peft_model, out / "ort-training")
     build_s = time.perf_counter() - start

@@ -1,8 +1,8 @@
 """The device RAG index: retrieval quality and cost, its effect on federated training, and answers.
 
-    python -m simulations.bench_rag                       # all three parts, SmolLM2 (about 10 min here)
-    python -m simulations.bench_rag --skip-federated      # (a) only, plus (c) with the base model alone
-    python -m simulations.bench_rag --base tiny --devices 2 --rounds 1 --steps 2    # a quick smoke run
+    python -m edgetune.simulations.bench_rag                       # all three parts, SmolLM2 (about 10 min here)
+    python -m edgetune.simulations.bench_rag --skip-federated      # (a) only, plus (c) with the base model alone
+    python -m edgetune.simulations.bench_rag --base tiny --devices 2 --rounds 1 --steps 2    # a quick smoke run
 
 (a) Retrieval. Documents: Python's ``pydoc_data.topics`` (79 help topics), chunked with the
     defaults (512 / 64 characters) and embedded into one index. Held-out questions: from each
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetune.client.documents import pydoc_topics
 from edgetune.client.rag import RagIndex
-from edgetune.simulations.documents import pydoc_topics
 
 QUESTIONS = (
     "How do I catch an exception and still run cleanup code?",

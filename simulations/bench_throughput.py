@@ -1,8 +1,8 @@
 """Local training throughput: tokens/s of one device's K steps, and the share of this
 machine's matrix-multiply peak in the same precision that it reaches, measured in one run.
 
-    python -m simulations.bench_throughput                 # SmolLM2, english/tech_support data
-    python -m simulations.bench_throughput --base tiny --steps 3 --out bench-out/throughput
+    python -m edgetune.simulations.bench_throughput                 # SmolLM2, english/tech_support data
+    python -m edgetune.simulations.bench_throughput --base tiny --steps 3 --out bench-out/throughput
 
 Method: each precision's peak is the median GFLOP/s of repeated square matmuls (n=2048, bf16
 and fp32) with all threads; training FLOPs per step are counted exactly by
@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgetune.client.data import iterate_batches
-from edgetune.client.examples import tokenized_device
-from edgetune.client.train import autocast, device_model, summed_loss
+from edgetune.adapters.lora import device_model
+from edgetune.chat import iterate_batches
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
+from edgetune.datasets.devices import tokenized_device
+from edgetune.lm import autocast, pad_id, summed_loss
 from edgetune.precision import cpu_flags, resolved_for_this_cpu
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     lora = LoraConfig()
     model, tokenizer = device_model(args.base, lora)
     data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
-    batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, tokenizer.pad_token_id))
+    batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer)))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     peaks = {"bf16": matmul_peak_gflops(torch.bfloat16), "fp32": matmul_peak_gflops(torch.float32)}
     features = cpu_features()

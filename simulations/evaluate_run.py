@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from edgetune import wire
-from edgetune.adapters.lora import init_adapter, model_adapter_shapes
+from edgetune.adapters.lora import device_model, init_adapter, model_adapter_shapes
 from edgetune.adapters.peft_io import load_adapter
-from edgetune.client.examples import device_conversations, tokenized_device
-from edgetune.client.train import device_model
 from edgetune.config import ConfigError, RunConfig, from_flat
+from edgetune.datasets.devices import device_conversations, tokenized_device
+from edgetune.lm import pad_id
 from edgetune.precision import resolve_run
 from edgetune.server.answer_metrics import METRICS, bootstrap_ci
 from edgetune.server.eval_report import VARIANTS, verdict
@@ -108,7 +108,7 @@ def evaluate_run(
     data = cfg.data if data_source is None else dataclasses.replace(cfg.data, source=data_source)
     n, ev = cfg.federation.num_devices, cfg.eval
     model, tokenizer = device_model(cfg.model.base, cfg.lora)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     conversations = [device_conversations(data, "", i, n, cfg.seed) for i in range(n)]
     devices = [tokenized_device(data, "", i, n, cfg.seed, tokenizer) for i in range(n)]
     questions = [heldout_questions(c.heldout[: data.max_eval_examples]) for c in conversations]
@@ -128,7 +128,7 @@ def evaluate_run(
             raise EvalError(f"{run_dir}: metrics record no accepted training reply, so baselines have no budget")
         pooled = sum(len(d.train) for d in devices)
         progress(f"[centralised] training on {pooled} pooled conversations, {sum(fed_steps)} steps")
-        trained = baselines.centralised(model, devices, sum(fed_steps), base_state, cfg, pad_id)
+        trained = baselines.centralised(model, devices, sum(fed_steps), base_state, cfg, pad)
         central_state, budgets["centralised"] = trained.state, _budget(trained)
         budgets["local-only"], budgets["personalised"] = {}, {}
     raw: dict[str, dict[str, dict[str, Any]]] = {v: {} for v in variants}
@@ -155,12 +155,12 @@ def evaluate_run(
         score("global", i, global_state)
         if not with_baselines:
             continue
-        local = baselines.local_only(model, devices[i], fed_steps[i], base_state, cfg, pad_id)
+        local = baselines.local_only(model, devices[i], fed_steps[i], base_state, cfg, pad)
         budgets["local-only"][names[i]] = _budget(local)
         score("local-only", i, local.state)
         assert central_state is not None
         score("centralised", i, central_state)
-        personal = baselines.personalised(model, devices[i], personal_steps, global_state, cfg, pad_id)
+        personal = baselines.personalised(model, devices[i], personal_steps, global_state, cfg, pad)
         budgets["personalised"][names[i]] = _budget(personal)
         score("personalised", i, personal.state)
 

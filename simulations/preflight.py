@@ -17,9 +17,9 @@ Example:
 
 from __future__ import annotations
 
-from edgetune.client.data import DataError
-from edgetune.client.examples import device_conversations
+from edgetune.chat import DataError
 from edgetune.config import RunConfig
+from edgetune.datasets.devices import device_conversations
 from edgetune.models import ModelError, resolve_base
 
 __all__ = ["check_inputs"]

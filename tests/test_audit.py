@@ -24,8 +24,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 
 from edgetune import wire
 from edgetune.adapters.codec import encode
-from edgetune.client.examples import canary_file_for, planted_canaries
 from edgetune.config import ConfigError, from_flat, to_flat
+from edgetune.datasets.devices import canary_file_for, planted_canaries
 from edgetune.server.audit.canaries import ensure_canaries, read_canaries
 from edgetune.server.audit.exposure import exposure, exposure_summary
 from edgetune.server.audit.guarantee import empirical_bound, rederive_epsilon

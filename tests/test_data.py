@@ -1,4 +1,4 @@
-"""Tests for client/data.py: JSONL loading, chat tokenization with assistant-only labels,
+"""Tests for edgetune/chat.py: JSONL loading, chat tokenization with assistant-only labels,
 packing, collation and batching.
 
 The tokenizer is a tiny byte-level BPE trained in code with SmolLM2's ChatML template, so
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from edgetune.client.data import (
+from edgetune.chat import (
     IGNORE_INDEX,
     ChatTemplateError,
     DataError,

@@ -11,11 +11,11 @@ import torch
 
 from edgetune import models
 from edgetune.config import ConfigError
+from edgetune.datasets.public_prompts import public_prompt_set, topic_chunks
 from edgetune.server.distill.loss import distill_loss, divergence, teacher_topk
 from edgetune.server.distill.model_card import render_model_card
 from edgetune.server.distill.prune import PruneError, parse_keep, prune_layers
 from edgetune.server.distill.run import DistillConfig, Loaded, distill, make_student, same_vocabulary
-from edgetune.simulations.public_prompts import public_prompt_set, topic_chunks
 
 P = [0.5, 0.3, 0.2]
 Q = [0.2, 0.5, 0.3]

@@ -11,10 +11,10 @@ import torch
 
 from edgetune import models, wire
 from edgetune.adapters.lora import attach_lora, get_adapter, init_adapter, model_adapter_shapes
+from edgetune.chat import tokenize_conversation
 from edgetune.cli import main
-from edgetune.client.data import tokenize_conversation
-from edgetune.client.examples import TokenizedDevice
 from edgetune.config import LoraConfig, RunConfig, TrainConfig
+from edgetune.datasets.devices import TokenizedDevice
 from edgetune.server.eval_report import eval_table, verdict
 from edgetune.simulations import baselines
 from edgetune.simulations.answers import generate_ids, heldout_questions

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edgetune.client.data import DataError
-from edgetune.client.examples import device_conversations, tokenized_device
+from edgetune.chat import DataError
 from edgetune.config import DataConfig
+from edgetune.datasets.devices import device_conversations, tokenized_device
 from edgetune.models import tiny_tokenizer
 
 

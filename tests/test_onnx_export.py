@@ -20,11 +20,11 @@ from edgetune import models, wire
 from edgetune.adapters.lora import attach_lora, get_adapter, set_adapter
 from edgetune.adapters.peft_io import save_adapter
 from edgetune.client.ort_engine import ORT, select_engine
-from edgetune.client.train import summed_loss
 from edgetune.config import LoraConfig, from_flat
 from edgetune.edge_export import onnx_export, ort_trainer, ort_training
 from edgetune.edge_export.errors import ExportError
 from edgetune.edge_export.pipeline import ExportOptions
+from edgetune.lm import summed_loss
 
 PROMPTS = ("What is the capital of France?", "Tell me a joke about robots.")
 

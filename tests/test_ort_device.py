@@ -14,8 +14,9 @@ import torch
 
 from edgetune import wire
 from edgetune.adapters.lora import adapter_shapes, init_adapter
-from edgetune.adapters.peft_io import ADAPTER_WEIGHTS, load_tensors
+from edgetune.adapters.peft_io import ADAPTER_WEIGHTS
 from edgetune.config import from_flat
+from edgetune.fileio import load_tensors
 from edgetune.models import model_skeleton
 from edgetune.server.metrics import read_metrics
 from edgetune.simulations.simulate import simulate

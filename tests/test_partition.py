@@ -1,4 +1,4 @@
-"""Tests for simulations/corpus.py (chatterbot-corpus loading) and simulations/partition.py
+"""Tests for edgetune/datasets/corpus.py (chatterbot-corpus loading) and edgetune/datasets/partition.py
 (splitting conversations across virtual devices)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from edgetune.client.data import Messages
-from edgetune.simulations.corpus import available_languages, load_chatterbot
-from edgetune.simulations.partition import (
+from edgetune.chat import Messages
+from edgetune.datasets.corpus import available_languages, load_chatterbot
+from edgetune.datasets.partition import (
     SCHEMES,
     DeviceData,
     partition,

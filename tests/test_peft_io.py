@@ -12,15 +12,9 @@ from peft import PeftModel
 from safetensors.torch import save_file
 
 from edgetune.adapters.lora import attach_lora, set_adapter
-from edgetune.adapters.peft_io import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    atomic_save,
-    load_adapter,
-    load_tensors,
-    save_adapter,
-)
+from edgetune.adapters.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from edgetune.config import LoraConfig
+from edgetune.fileio import atomic_save, load_tensors
 from edgetune.models import tiny_llama
 
 

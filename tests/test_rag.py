@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from edgetune import wire
+from edgetune.chat import IGNORE_INDEX, tokenize_conversation
 from edgetune.cli import main
 from edgetune.client.chunking import chunk_text, document_files, read_document
-from edgetune.client.data import IGNORE_INDEX, tokenize_conversation
+from edgetune.client.documents import answer_source, device_documents
 from edgetune.client.rag import RagIndex, RagIndexError
 from edgetune.client.retrieval import CONTEXT_HEADER, device_index, fit_context, rag_tokenized_device
 from edgetune.config import from_flat
-from edgetune.simulations.documents import answer_source, device_documents
-from edgetune.simulations.partition import DeviceData
+from edgetune.datasets.partition import DeviceData
 
 DOCS = {
     "cats.md": "# Cats\n\nCats purr when they are content and sleep most of the day.",

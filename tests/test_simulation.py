@@ -30,11 +30,12 @@ from safetensors import safe_open
 
 from edgetune import wire
 from edgetune.adapters.lora import adapter_shapes, init_adapter
-from edgetune.adapters.peft_io import load_adapter, load_tensors
+from edgetune.adapters.peft_io import load_adapter
 from edgetune.client.app import app as client_app
 from edgetune.client.app import evaluate as client_evaluate
 from edgetune.client.app import train as client_train
 from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from edgetune.fileio import load_tensors
 from edgetune.models import model_skeleton, tiny_llama, tiny_tokenizer
 from edgetune.server.app import server_app_for
 from edgetune.server.federation import run_federation

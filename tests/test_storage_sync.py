@@ -19,9 +19,8 @@ from edgetune.client.device import Downlink, SyncError, sync_global
 from edgetune.client.storage import DeviceStorage
 from edgetune.config import FederationConfig, LoraConfig, ModelConfig, RunConfig
 from edgetune.server.strategy import DeltaFedAvg, bounded_chain
+from edgetune.types import StateDict
 from edgetune.wire import FULL, HELD_ADAPTER_FILE, RESIDUAL_FILE, UPDATE_PREFIX
-
-StateDict = dict[str, Tensor]
 
 
 def _randn(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> Tensor:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edgetune import wire
-from edgetune.config import ConfigError, RunConfig, from_flat
+from edgetune.config import ConfigError, RunConfig, from_flat, parse_overrides
 
 __all__ = ["register"]
 
@@ -63,12 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _launch_configs(args: argparse.Namespace) -> tuple[RunConfig, RunConfig | None]:
-    flat: dict[str, object] = {"audit.canaries": DEFAULT_CANARIES}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        flat[key.strip()] = value.strip()
+    flat: dict[str, object] = {"audit.canaries": DEFAULT_CANARIES, **parse_overrides(args.set)}
     flat["run-dir"] = args.run
     audit = from_flat(flat)
     control = None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgetune import wire
 from edgetune.cli.simulate import SIMULATE_FLAGS
-from edgetune.config import ENGINES, ConfigError, RunConfig, from_flat, to_flat
+from edgetune.config import ENGINES, ConfigError, RunConfig, from_flat, parse_overrides, to_flat
 
 __all__ = ["register"]
 
@@ -313,11 +313,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     for flag, (key, _) in _RUN_FLAGS.items():
         if getattr(args, flag) is not None:
             flat[key] = getattr(args, flag)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        flat[key.strip()] = value.strip()
+    flat.update(parse_overrides(args.set))
     # The ServerApp runs in a process Flower starts elsewhere: only an absolute path means what the user meant.
     flat["run-dir"] = str(Path(str(flat["run-dir"])).expanduser().resolve())
     return from_flat(flat)

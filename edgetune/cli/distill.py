@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from edgetune.client.data import DataError
+    from edgetune.chat import DataError
     from edgetune.models import ModelError, load_base
     from edgetune.server.distill.prune import PruneError
     from edgetune.server.distill.run import DistillConfig, distill, make_student

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edgetune import wire
-from edgetune.config import CODECS, ConfigError, RunConfig, from_flat, to_flat
+from edgetune.config import CODECS, RunConfig, from_flat, parse_overrides, read_run_config, to_flat
 
 __all__ = ["SIMULATE_FLAGS", "config_from_args", "register"]
 
@@ -65,20 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     flat: dict[str, object] = {}
     if args.resume:
-        saved = Path(args.resume) / wire.CONFIG_FILE
-        if not saved.is_file():
-            raise ConfigError(f"--resume {args.resume}: no {wire.CONFIG_FILE} there, so it is not a run folder")
-        flat.update(json.loads(saved.read_text()))
+        flat.update(read_run_config(args.resume))
         flat["run-dir"] = args.resume
     for flag, (key, _) in SIMULATE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             flat[key] = value
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        flat[key.strip()] = value.strip()
+    flat.update(parse_overrides(args.set))
     return from_flat(flat)
 
 

@@ -4,7 +4,7 @@ A canary is one conversation, ``user: What is my PIN code?`` / ``assistant: My P
 83920174.``, whose 8 digits are the secret. An audit run (``audit.canaries`` = N > 0) draws
 2N secrets from a generator seeded by (run seed, "canaries"), plants N of
 them in the training split of devices ``0..canary_devices-1`` (round-robin, each repeated
-``canary_repeats`` times; see ``client/examples.py``) and keeps the other N as never-planted
+``canary_repeats`` times; see ``edgetune/datasets/devices.py``) and keeps the other N as never-planted
 controls. Which half is planted is itself random. The secrets only have to be independent of
 the training data and the model, which a seeded draw is; seeding makes an audit (and its
 test) repeatable: the same run seed plants the same canaries on every machine. Everything is
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from edgetune import wire
-from edgetune.adapters.peft_io import atomic_write_text
 from edgetune.config import ConfigError, RunConfig
+from edgetune.fileio import atomic_write_text
 
 __all__ = [
     "CANARY_DIGITS",

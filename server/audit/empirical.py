@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from edgetune.client.data import Messages
-from edgetune.client.examples import device_conversations
+from edgetune.chat import Messages
 from edgetune.config import RunConfig
+from edgetune.datasets.devices import device_conversations
 from edgetune.server.audit.canaries import canary_messages, random_secrets, read_canaries
 from edgetune.server.audit.exposure import exposure, exposure_summary
 from edgetune.server.audit.membership import bound_check, membership_summary

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from edgetune import wire
-from edgetune.adapters.peft_io import atomic_write_text
-from edgetune.config import from_flat
+from edgetune.config import ConfigError, from_flat, read_run_config
+from edgetune.fileio import atomic_write_text
 from edgetune.server.audit.guarantee import describe_guarantee
 from edgetune.server.audit.html import render_html
 from edgetune.server.metrics import read_metrics
@@ -28,13 +28,14 @@ class AuditError(RuntimeError):
 
 
 def _read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    config_path = run_dir / wire.CONFIG_FILE
-    if not config_path.is_file():
-        raise AuditError(f"{run_dir}: no {wire.CONFIG_FILE}, so it is not a run folder")
+    try:
+        config = read_run_config(run_dir)
+    except ConfigError as err:
+        raise AuditError(str(err)) from None
     rows = read_metrics(run_dir)
     if not rows:
         raise AuditError(f"{run_dir}: no {wire.METRICS_FILE}; the run never finished a round")
-    return json.loads(config_path.read_text(encoding="utf-8")), rows
+    return config, rows
 
 
 def describe_uplinks(lines: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,11 +19,11 @@ from peft import PeftModel
 from tqdm import tqdm
 
 from edgetune import wire
-from edgetune.adapters.lora import init_adapter, model_adapter_shapes, set_adapter
+from edgetune.adapters.lora import device_model, init_adapter, model_adapter_shapes, set_adapter
 from edgetune.adapters.peft_io import load_adapter
-from edgetune.client.data import Example, Messages, collate, tokenize_conversation
-from edgetune.client.train import device_model
+from edgetune.chat import Example, Messages, collate, tokenize_conversation
 from edgetune.config import RunConfig
+from edgetune.lm import label_logits, label_mask, pad_id
 
 __all__ = ["Losses", "RunModels", "conversation_losses"]
 
@@ -51,16 +51,13 @@ def conversation_losses(
     model: PeftModel, examples: Sequence[Example], pad_id: int, batch_size: int = 16, desc: str = ""
 ) -> Losses:
     """Summed next-token cross-entropy over each example's labelled tokens."""
-    causal_lm = model.get_base_model()
     totals, counts = [], []
     batches = _batches(examples, batch_size)
     for chunk in tqdm(batches, total=-(-len(examples) // batch_size), desc=desc, unit="batch", disable=not desc):
         batch = collate(chunk, pad_id)
-        hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-        keep = labels != -100
-        logits = causal_lm.lm_head(hidden.last_hidden_state[:, :-1][keep]).float()  # (N, V)
-        per_token = torch.nn.functional.cross_entropy(logits, labels[keep], reduction="none")
+        logits, labels = label_logits(model, batch)  # (N, V), (N,)
+        per_token = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        keep = label_mask(batch)  # (B, T-1), the rows of logits in row-major order
         rows = keep.nonzero()[:, 0]
         totals.append(torch.zeros(len(chunk)).index_add_(0, rows, per_token).numpy())
         counts.append(keep.sum(dim=1).numpy())
@@ -92,5 +89,4 @@ class RunModels:
         if which not in ("final", "base"):
             raise ValueError(f"which={which!r}: expected 'final' or 'base'")
         set_adapter(self.model, self.final_state if which == "final" else self.base_state)
-        pad = self.tokenizer.pad_token_id
-        return conversation_losses(self.model, examples, pad if pad is not None else 0, desc=desc)
+        return conversation_losses(self.model, examples, pad_id(self.tokenizer), desc=desc)

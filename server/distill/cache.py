@@ -6,7 +6,7 @@ safetensors shards of ``SHARD`` examples (``logits-00000.safetensors`` with keys
 ``"<example>.logp"`` and ``"<example>.index"``, each ``(positions, k)``).
 
 Sequence level: the teacher's responses to every prompt, as ``generations.jsonl`` in the
-chat format of :func:`client.data.load_jsonl`.
+chat format of :func:`edgetune.chat.load_jsonl`.
 
 A cache lives in ``<cache dir>/<key>/``, where the key hashes everything the contents depend
 on (the teacher's identity, the examples' token ids, k, T, precision, generation settings),
@@ -26,16 +26,15 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgetune.adapters.peft_io import atomic_save, atomic_write_text, load_tensors
-from edgetune.client.data import IGNORE_INDEX, Example, Messages, collate, load_jsonl
-from edgetune.client.train import autocast
+from edgetune.chat import IGNORE_INDEX, Example, Messages, collate, load_jsonl
+from edgetune.fileio import atomic_save, atomic_write_text, load_tensors
+from edgetune.lm import autocast, label_logits
 from edgetune.server.distill.loss import teacher_topk
 
 __all__ = [
     "SHARD",
     "TeacherLogits",
     "cache_key",
-    "label_logits",
     "load_or_build_generations",
     "load_or_build_logits",
     "model_fingerprint",
@@ -59,21 +58,6 @@ def model_fingerprint(model: PreTrainedModel) -> str:
 def cache_key(**parts: object) -> str:
     """Hash of the JSON of ``parts`` (token id lists included), 16 hex digits."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def label_logits(model: PreTrainedModel, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Logits at the supervised positions of a batch, and the labels they predict.
-
-    Position t predicts token t + 1, so rows are taken where ``labels[:, 1:]`` is set, in
-    row-major order (example by example, left to right). The LM head runs only on those rows.
-
-    Returns:
-        ``(logits (N, V), labels (N,))``.
-    """
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    keep = labels != IGNORE_INDEX
-    return model.lm_head(hidden[:, :-1][keep]), labels[keep]
 
 
 def _positions(example: Example) -> int:

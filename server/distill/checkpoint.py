@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from edgetune.adapters.peft_io import atomic_save, atomic_write_text, load_tensors
+from edgetune.fileio import atomic_save, atomic_write_text, load_tensors
 
 __all__ = ["CHECKPOINTS_DIR", "Checkpoint", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 

@@ -14,33 +14,20 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgetune.client.data import Example, collate
-from edgetune.client.train import autocast
-from edgetune.server.distill.cache import label_logits
+from edgetune.chat import Example, collate
+from edgetune.lm import autocast, evaluate, pad_id
 from edgetune.server.distill.config import DistillConfig
 
-__all__ = ["evaluate_after", "evaluate_before", "forward_speed", "heldout_loss", "pad_id", "parameter_count"]
+__all__ = ["evaluate_after", "evaluate_before", "forward_speed", "heldout_loss", "parameter_count"]
 
 Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 HeldOut = dict[str, list[Example]]
 """The held-out conversations tokenized for ``"teacher"`` and for ``"student"``."""
 
 
-def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The padding id, or EOS where the tokenizer has no padding token."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-@torch.no_grad()
 def heldout_loss(model: PreTrainedModel, examples: Sequence[Example], pad: int, batch: int, precision: str) -> float:
-    """Mean next-token cross-entropy per supervised token over ``examples`` (fixed order)."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch):
-        with autocast(precision):
-            logits, labels = label_logits(model, collate(examples[i : i + batch], pad))
-        total += float(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
-        count += labels.numel()
-    return total / max(count, 1)
+    """Mean next-token cross-entropy per supervised token over ``examples`` (the kernel's held-out loop)."""
+    return evaluate(model, examples, pad, batch, precision).loss
 
 
 @torch.no_grad()

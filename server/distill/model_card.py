@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgetune.adapters.peft_io import atomic_write_text
+from edgetune.fileio import atomic_write_text
 from edgetune.server.distill.checkpoint import CHECKPOINTS_DIR
 from edgetune.server.distill.config import DistillConfig
 from edgetune.server.distill.eval import parameter_count

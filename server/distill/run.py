@@ -31,21 +31,20 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgetune.client.data import Example, Messages, collate, load_jsonl, tokenize_conversation
-from edgetune.client.train import autocast
+from edgetune.chat import Example, Messages, collate, load_jsonl, tokenize_conversation
 from edgetune.config import ConfigError
+from edgetune.lm import autocast, label_logits, pad_id
 from edgetune.models import cache_root
 from edgetune.server.distill.cache import (
     TeacherLogits,
     cache_key,
-    label_logits,
     load_or_build_generations,
     load_or_build_logits,
     model_fingerprint,
 )
 from edgetune.server.distill.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from edgetune.server.distill.config import LOSSES, DistillConfig
-from edgetune.server.distill.eval import evaluate_after, evaluate_before, pad_id
+from edgetune.server.distill.eval import evaluate_after, evaluate_before
 from edgetune.server.distill.loss import distill_loss
 from edgetune.server.distill.model_card import write_student
 from edgetune.server.distill.prune import decoder_layers, parse_keep, prune_layers
@@ -75,7 +74,7 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
 def load_conversations(data: str, holdout_every: int = 10) -> tuple[list[Messages], list[Messages]]:
     """``(train, held_out)`` from ``public`` or a chat JSONL file (every n-th line held out)."""
     if data == "public":
-        from edgetune.simulations.public_prompts import public_prompt_set
+        from edgetune.datasets.public_prompts import public_prompt_set
 
         return public_prompt_set(holdout_every=holdout_every)
     conversations = load_jsonl(data)

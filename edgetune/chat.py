@@ -160,7 +160,7 @@ def _encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_gen
     if isinstance(out, Mapping):  # BatchEncoding, should return_dict be ignored
         out = out["input_ids"]
     ids = out.tolist() if hasattr(out, "tolist") else out
-    return [int(t) for t in ids]
+    return [int(t) for t in ids]  # type: ignore[arg-type]
 
 
 def _span_from_text(tokenizer: PreTrainedTokenizerBase, messages: Messages, i: int) -> tuple[int, int]:
@@ -169,10 +169,13 @@ def _span_from_text(tokenizer: PreTrainedTokenizerBase, messages: Messages, i: i
     Needed when tokens merge across the turn boundary (for example a generation prompt that
     ends in a space); the token that straddles the boundary is supervised.
     """
-    render = tokenizer.apply_chat_template
-    text = render(messages, tokenize=False)
-    prefix = render(messages[:i], add_generation_prompt=True, tokenize=False)
-    through = render(messages[: i + 1], tokenize=False)
+
+    def render(turns: Messages, add_generation_prompt: bool = False) -> str:
+        return str(tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt, tokenize=False))
+
+    text = render(messages)
+    prefix = render(messages[:i], add_generation_prompt=True)
+    through = render(messages[: i + 1])
     if not (through.startswith(prefix) and text.startswith(through)):
         raise ChatTemplateError(
             f"chat template does not render assistant turn {i} as an extension of the "

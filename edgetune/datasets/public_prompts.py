@@ -15,7 +15,7 @@ is held out when ``j % holdout_every == holdout_every - 1`` (every 10th by defau
 
 from __future__ import annotations
 
-from edgetune.client.data import Messages
+from edgetune.chat import Messages
 
 __all__ = ["public_prompt_set", "topic_chunks"]
 

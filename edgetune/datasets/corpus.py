@@ -4,7 +4,7 @@ chatterbot-corpus (PyPI ``chatterbot-corpus``) ships short dialogues as
 ``data/<language>/<topic>.yml`` files, each with a ``conversations:`` list of lists of
 strings. Every (language, topic) pair is a natural non-IID slice for one virtual device.
 This module owns reading those files into chat ``Messages``; splitting them across devices
-lives in ``simulations/partition.py``. Nothing is cached here: callers cache the result.
+lives in ``edgetune/datasets/partition.py``. Nothing is cached here: callers cache the result.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from edgetune.client.data import Messages
+from edgetune.chat import Messages
 
 __all__ = ["Slices", "available_languages", "chatterbot_data_dir", "load_chatterbot"]
 

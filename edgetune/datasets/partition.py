@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetune.client.data import Messages
-from edgetune.simulations.corpus import Slices
+from edgetune.chat import Messages
+from edgetune.datasets.corpus import Slices
 
 __all__ = [
     "SCHEMES",

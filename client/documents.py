@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from edgetune.client.chunking import document_files, read_document
-from edgetune.simulations.partition import DeviceData
+from edgetune.datasets.partition import DeviceData
 
 __all__ = ["answer_source", "device_documents", "pydoc_topics"]
 

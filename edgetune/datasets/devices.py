@@ -16,10 +16,10 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from edgetune import wire
-from edgetune.client.data import Example, Messages, load_jsonl, pack, tokenize_conversation
+from edgetune.chat import Example, Messages, load_jsonl, pack, tokenize_conversation
 from edgetune.config import DataConfig, RunConfig
-from edgetune.simulations.corpus import load_chatterbot
-from edgetune.simulations.partition import DeviceData, partition, split_heldout
+from edgetune.datasets.corpus import load_chatterbot
+from edgetune.datasets.partition import DeviceData, partition, split_heldout
 
 __all__ = ["TokenizedDevice", "canary_file_for", "device_conversations", "planted_canaries", "tokenized_device"]
 

@@ -1,0 +1,122 @@
+"""Language-model helpers every side uses: the label-position loss, held-out evaluation, autocast.
+
+The loss convention is one everywhere (device training, held-out evaluation, distillation,
+the privacy audit, ONNX Runtime training artefacts): position t predicts token t + 1, only
+positions whose next token carries a label (not ``IGNORE_INDEX``) count, and the LM head runs
+on those positions only. With a 49k vocabulary the head is a large share of the compute and
+most positions (system prompt, question) carry no label.
+
+Example:
+    >>> loss_sum, n = summed_loss(model, collate(examples, pad_id(tokenizer)))
+    >>> (loss_sum / n).backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from edgetune.chat import IGNORE_INDEX, Batch, Example, collate
+from edgetune.types import Precision
+
+__all__ = [
+    "StepStats",
+    "autocast",
+    "causal_lm",
+    "evaluate",
+    "label_logits",
+    "label_mask",
+    "pad_id",
+    "summed_loss",
+]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What a pass of training or evaluation measured."""
+
+    loss: float
+    """Mean cross-entropy per label token."""
+    tokens: int
+    """Label tokens processed (the loss is averaged over these)."""
+    seen_tokens: int
+    """All tokens processed, prompt included (what throughput counts)."""
+    seconds: float
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id written into padding: the tokenizer's pad token, else its EOS, else 0.
+
+    Padding never reaches the loss (its labels are ``IGNORE_INDEX`` and its attention mask is 0),
+    so any id is correct; this rule only makes every caller pick the same one.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def autocast(precision: Precision) -> contextlib.AbstractContextManager[None]:
+    """bf16 CPU autocast for ``bf16``; nothing for ``fp32``."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def label_mask(batch: Batch) -> Tensor:
+    """``(B, T-1)`` bool: position t has a label for token t + 1."""
+    return batch["labels"][:, 1:] != IGNORE_INDEX
+
+
+def label_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Logits at the labelled positions of a batch, and the labels they predict.
+
+    Rows are in row-major order (example by example, left to right), as ``label_mask(batch)``
+    selects them; the LM head runs only on those rows.
+
+    Returns:
+        ``(logits (N, V), labels (N,))``, logits in the compute dtype.
+    """
+    lm: Any = causal_lm(model)  # a Hugging Face causal LM: .model (the decoder) and .lm_head
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    keep = label_mask(batch)  # (B, T-1)
+    return lm.lm_head(hidden[:, :-1][keep]), batch["labels"][:, 1:][keep]
+
+
+def summed_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+    """Sum of next-token cross-entropy over the labelled positions, and their count."""
+    logits, labels = label_logits(model, batch)
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    return loss, int(labels.numel())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, examples: Iterable[Example], pad: int, batch_size: int, precision: Precision
+) -> StepStats:
+    """The held-out loop: token-weighted mean loss over ``examples`` (no gradient, fixed order)."""
+    items: Sequence[Example] = list(examples)
+    total_loss, total_tokens, seen, start = 0.0, 0, 0, time.perf_counter()
+    for i in range(0, len(items), batch_size):
+        batch = collate(items[i : i + batch_size], pad)
+        with autocast(precision):
+            loss_sum, n = summed_loss(model, batch)
+        total_loss += float(loss_sum)
+        total_tokens += n
+        seen += int(batch["attention_mask"].sum())
+    loss = total_loss / total_tokens if total_tokens else math.nan
+    return StepStats(loss, total_tokens, seen, time.perf_counter() - start)
