@@ -477,6 +477,24 @@ class RunConfig:
             "must be mean under dp.enabled (DP's clipping and noise are calibrated to the plain mean)",
         )
         _check_secagg(self)
+        _check_adapter_kind(self)
+
+
+def _check_adapter_kind(cfg: RunConfig) -> None:
+    """Combinations of ``lora.kind`` and the device's engine and base that cannot train."""
+    kind = cfg.lora.kind
+    _check(
+        kind == "lora" or (cfg.train.engine == "pytorch" and not cfg.train.ort_devices),
+        "lora.kind",
+        kind,
+        "trains with train.engine=pytorch only (the ONNX Runtime artefacts hold plain LoRA)",
+    )
+    _check(
+        not (kind == "dora" and cfg.model.quantize != "none"),
+        "lora.kind",
+        kind,
+        f"needs an unquantised base (DoRA takes row norms of the base weights; model.quantize={cfg.model.quantize})",
+    )
 
 
 def _check_secagg(cfg: RunConfig) -> None:

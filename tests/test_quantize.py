@@ -75,3 +75,10 @@ def test_simulate_with_int4_exits_2_in_one_line(tmp_path, capsys: pytest.Capture
     assert code == 2
     assert err.startswith("edgetune: model.quantize=int4 cannot train on this CPU") and "\n" not in err
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_dora_on_a_quantised_base_is_refused() -> None:
+    with pytest.raises(ConfigError, match="lora.kind='dora': needs an unquantised base"):
+        from_flat({"lora.kind": "dora", "model.quantize": "int8"})
+    with pytest.raises(ConfigError, match="train.engine=pytorch only"):
+        from_flat({"lora.kind": "binary", "train.engine": "onnxruntime"})
