@@ -172,16 +172,23 @@ def _fmt_epsilon(m: dict) -> str:
     return f"{eps:.3f}" + ("*" if m.get("dp_skipped") else "")
 
 
+def _fmt_secagg(m: dict) -> str:
+    bits = (m.get("secagg") or {}).get("bits_up_per_param")
+    return "-" if bits is None else f"{bits:.2f}" + ("*" if m["secagg"].get("skipped") else "")
+
+
 def summary_table(rows: list[dict]) -> str:
     """Held-out loss and bytes per round vs fp32, as a fixed-width text table.
 
     Under DP an ``epsilon`` column shows the cumulative epsilon after each round; a round
-    that released nothing (under quorum) is marked ``*`` and still counts.
+    that released nothing (under quorum) is marked ``*`` and still counts. Under secure
+    aggregation an ``sa bits/p`` column shows uplink bits per parameter per device.
     """
     dp = any(m.get("dp_epsilon") is not None for m in rows)
+    sa = any(m.get("secagg") for m in rows)
     names = ("round", "eval loss", "train loss", "replies", "up", "down", "fp32 up", "fp32 down", "x fewer")
-    names += ("epsilon",) * dp
-    widths = (5, 9, 10, 7, 9, 9, 9, 9, 8) + (8,) * dp
+    names += ("epsilon",) * dp + ("sa bits/p",) * sa
+    widths = (5, 9, 10, 7, 9, 9, 9, 9, 8) + (8,) * dp + (9,) * sa
     head = " ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
     out = [head, "-" * len(head)]
     for m in rows:
@@ -198,6 +205,7 @@ def summary_table(rows: list[dict]) -> str:
             f"{_fmt_bytes(m['bytes_up']):>9} {_fmt_bytes(m['bytes_down']):>9} "
             f"{_fmt_bytes(m['fp32_bytes_up']):>9} {_fmt_bytes(m['fp32_bytes_down']):>9} {ratio:>8}"
             + (f" {_fmt_epsilon(m):>8}" if dp else "")
+            + (f" {_fmt_secagg(m):>9}" if sa else "")
         )
     short_rounds = [m for m in rows if m["round"] > 0 and m["replies"] < (m.get("sampled") or m.get("dp_sampled", 0))]
     out.extend(f"! round {m['round']}: {short_round_note(m)}" for m in short_rounds)

@@ -31,7 +31,7 @@ from edgetune.config import (
     from_flat,
 )
 from edgetune.server.federation import run_federation
-from edgetune.server.metrics import read_metrics
+from edgetune.server.metrics import read_metrics, summary_table
 from edgetune.server.strategy import DeltaFedAvg
 
 HANDLERS = {
@@ -146,6 +146,7 @@ def test_round_mean_is_the_exact_decoded_sum(tmp_path, server_identity, applied,
     assert sum(sa["dropouts"].values()) == (1 if drop else 0)
     assert set(sa["stage_seconds"]) == {"keys", "share", "mask", "unmask"}
     assert sa["bits_up_per_param"] < 1 + 3 + 2  # k bits of masked input plus keys and shares
+    assert "sa bits/p" in summary_table(read_metrics(Path(cfg.run_dir))).splitlines()[0]
 
 
 def test_below_threshold_the_round_is_skipped(tmp_path, server_identity, applied) -> None:
