@@ -15,6 +15,9 @@ Allowed content (anything else is listed under ``offending``):
                 tensor name and a codec part (bits, scales, values), numeric dtypes
     ``metrics`` MetricRecord: the known numeric metric keys, scalar values
     ``device``  ConfigRecord holding only the device id
+    ``secagg``  ConfigRecord, secure-aggregation replies (kind ``secagg-<stage>``): public keys,
+                AES-GCM ciphertexts, a seed commitment, Shamir shares (never a plain input)
+    ``secagg-masked`` ArrayRecord, ``secagg-mask`` replies: the masked input, packed uint8
 Errors a device reports are text that left it, so they are flagged as well.
 """
 
@@ -37,12 +40,22 @@ _METRIC_KEYS = frozenset(
     | {wire.CPU_SECONDS, wire.SYNC_SECONDS, wire.SYNC_CPU_SECONDS}  # timing of the round's phases
 )
 _PARTS = frozenset({wire.BITS, wire.SCALES, wire.VALUES})
+_SECAGG_KEYS = frozenset(
+    {wire.ROUND, wire.SA_C_PK, wire.SA_S_PK, wire.SA_DST, wire.SA_CIPHERTEXTS, wire.SA_COMMITMENT}
+    | {wire.SA_SEED_SHARES, wire.SA_SEED_SHARES + "-src", wire.SA_KEY_SHARES, wire.SA_KEY_SHARES + "-src"}
+)
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.]+\.lora_[AB]\.weight$")
 _NUMERIC_DTYPES = re.compile(r"^(u?int(8|16|32|64)|float(16|32|64)|bfloat16|bool)$")
 
 
 def _array_items(name: str, record: Any, kind: str) -> tuple[dict[str, Any], list[str]]:
     items, bad = [], []
+    if name == wire.SECAGG_MASKED and kind == "secagg-mask":  # the masked input: uniform in Z_(2^k)
+        for key, array in record.items():
+            items.append({"name": key, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(array.data)})
+            if key != wire.SECAGG_MASKED or str(array.dtype) != "uint8":
+                bad.append(f"array {name}/{key!r} is not the packed masked input")
+        return {"record": name, "type": "array", "items": items}, bad
     if name != wire.DELTA or kind != "train":
         bad.append(f"array record {name!r} in a {kind} reply (only 'delta' in train replies)")
     for key, array in record.items():
@@ -65,8 +78,11 @@ def _metric_items(name: str, record: Any) -> tuple[dict[str, Any], list[str]]:
     return {"record": name, "type": "metric", "keys": sorted(record.keys())}, bad
 
 
-def _config_items(name: str, record: Any) -> tuple[dict[str, Any], list[str]]:
+def _config_items(name: str, record: Any, kind: str = "") -> tuple[dict[str, Any], list[str]]:
     entry: dict[str, Any] = {"record": name, "type": "config", "keys": sorted(record.keys())}
+    if name == wire.SECAGG and kind.startswith("secagg-"):  # public keys, ciphertexts, shares
+        extra = sorted(set(record.keys()) - _SECAGG_KEYS)
+        return entry, [f"secagg record carries unknown keys {extra}"] if extra else []
     if name == wire.DEVICE and set(record.keys()) == {wire.DEVICE_ID}:
         return entry, []
     extra = sorted(set(record.keys()) - {wire.DEVICE_ID}) if name == wire.DEVICE else sorted(record.keys())
@@ -101,7 +117,7 @@ def describe_uplink(round_: int, kind: str, msg: Message) -> dict[str, Any]:
         for describe, group in (
             (lambda n, r: _array_items(n, r, kind), content.array_records),
             (_metric_items, content.metric_records),
-            (_config_items, content.config_records),
+            (lambda n, r: _config_items(n, r, kind), content.config_records),
         ):
             for name, record in group.items():
                 entry, bad = describe(name, record)

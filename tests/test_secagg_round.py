@@ -240,3 +240,18 @@ def _sent_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
 
     shapes = adapter_shapes(model_skeleton("tiny"), cfg.lora)
     return {k: shapes[k] for k in exchanged_names(shapes, cfg.lora)}
+
+
+def test_audit_record_shows_only_protocol_traffic(tmp_path, server_identity) -> None:
+    """What the server saw with SecAgg on: keys, ciphertexts, masked inputs, shares; nothing flagged."""
+    from edgetune.server.uplinks import read_uplinks
+
+    cfg = _config(tmp_path / "run", n=3)
+    run_federation(StagedGrid(3), cfg)  # type: ignore[arg-type]
+    lines = [u for u in read_uplinks(Path(cfg.run_dir)) if u["kind"].startswith("secagg-")]
+    assert {u["kind"] for u in lines} == {"secagg-keys", "secagg-share", "secagg-mask", "secagg-unmask"}
+    assert all(u["verdict"] == "only adapter deltas and numeric metrics" for u in lines), [
+        u["offending"] for u in lines
+    ]
+    masked = [u for u in lines if u["kind"] == "secagg-mask"]
+    assert all(r["items"][0]["dtype"] == "uint8" for u in masked for r in u["records"] if r["type"] == "array")
