@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("adapters", "client", "server", "edge_export", "simulations")  # top-level folders mapped into edgetune
@@ -152,3 +157,30 @@ def test_one_definition_of_each_shared_rule() -> None:
     assert _definitions(r"^RESUMABLE_KEYS\b") == ["edgetune/config.py:RESUMABLE_KEYS"]
     assert _definitions(r"^StateDict = ") == ["edgetune/types.py:StateDict = "]
     assert _definitions(r"^IGNORE_INDEX = ") == ["edgetune/chat.py:IGNORE_INDEX = "]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
+    """A non-editable build holds ``edgetune`` (server/, client/, ... inside it) and nothing else."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("edgetune-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"edgetune"}
+    for folder in FOLDERS:
+        assert f"edgetune/{folder}/__init__.py" in names
