@@ -31,6 +31,7 @@ from edgetune.config import RunConfig, from_flat
 from edgetune.datasets.devices import TokenizedDevice, canary_file_for, tokenized_device
 from edgetune.lm import pad_id
 from edgetune.precision import resolve_run
+from edgetune.signing import PrivateKey, content_digest, load_signing_key, run_tag, sign, simulation_key
 
 __all__ = ["app"]
 
@@ -50,6 +51,11 @@ class _Round:
     round: int
     version: int
     device_id: str
+    run: str
+    """The run tag replies are signed for (``edgetune.signing.run_tag``)."""
+    key: PrivateKey | None
+    """The key replies are signed with: the registered key on a real device, the derived
+    one in simulation; None on a real device without one (the server then cannot check)."""
 
 
 def _payload(record: ArrayRecord) -> Payload:
@@ -86,7 +92,17 @@ def _open_round(msg: Message, context: Context) -> _Round:
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))
     cfg = resolve_run(cfg)  # train.precision=auto: bf16 or fp32, for this device's CPU
-    return _Round(cfg, storage, model, pad_id(tokenizer), data, state, int(config[wire.ROUND]), version, device_id)
+    run, key = run_tag(str(config[wire.RUN_CONFIG_JSON])), _signing_key(node, cfg, device_id)
+    round_ = int(config[wire.ROUND])
+    return _Round(cfg, storage, model, pad_id(tokenizer), data, state, round_, version, device_id, run, key)
+
+
+def _signing_key(node: dict, cfg: RunConfig, device_id: str) -> PrivateKey | None:
+    if node.get(wire.SIGNING_KEY):
+        return load_signing_key(str(node[wire.SIGNING_KEY]))
+    if wire.PARTITION_ID in node:  # simulation
+        return simulation_key(cfg.seed, device_id)
+    return None
 
 
 def _clock() -> tuple[float, float]:
@@ -115,6 +131,9 @@ def _reply(msg: Message, r: _Round, metrics: dict[str, float | int], delta: Payl
     )
     if delta is not None:
         content[wire.DELTA] = ArrayRecord({k: Array(v) for k, v in delta.items()})
+    if r.key is not None:  # signed over everything above, exact payload bytes included
+        digest = content_digest(msg.metadata.message_type, r.run, r.device_id, content)
+        content[wire.DEVICE][wire.SIGNATURE] = sign(r.key, digest)
     return Message(content, reply_to=msg)
 
 

@@ -85,6 +85,8 @@ def node_config(opts: JoinOptions) -> str:
             _toml_string(wire.STORAGE_DIR, str(opts.storage_dir.resolve())),
             _toml_string(wire.DEVICE_ID, opts.device_id),
             *([_toml_string(wire.TRAIN_ENGINE, opts.train_engine)] if opts.train_engine else []),
+            # The registered key also signs every reply (edgetune/signing.py).
+            *([_toml_string(wire.SIGNING_KEY, str(opts.private_key.resolve()))] if opts.private_key else []),
         ]
     )
 

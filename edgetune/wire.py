@@ -7,7 +7,7 @@ A downlink (server -> device) message carries:
 An uplink (device -> server) reply carries:
     ``delta``   ArrayRecord: the encoded adapter delta (train replies only)
     ``metrics`` MetricRecord: round, held version, examples, loss, tokens, seconds (wall, CPU, sync)
-    ``device``  ConfigRecord: the device's stable id
+    ``device``  ConfigRecord: the device's stable id and its signature of the reply
 """
 
 from __future__ import annotations
@@ -66,12 +66,16 @@ SA_KEY_SHARES = "key-shares"
 SA_SESSION = "secagg-session"  # device context state: the session (JSON bytes)
 SA_INPUT = "secagg-input"  # device context state: the integer input (ArrayRecord)
 
+# ConfigRecord keys (uplink ``device`` record): the device's id and its signature of the reply.
+SIGNATURE = "signature"  # bytes: edgetune.signing over run, round, device, metrics, payload bytes
+
 # Node config keys a SuperNode can set (simulation fills partition-id itself).
 PARTITION_ID = "partition-id"
 STORAGE_DIR = "storage-dir"
 DATA_PATH = "data-path"
 DEVICE_ID = "device-id"
 TRAIN_ENGINE = "train-engine"  # pytorch | onnxruntime (overrides train.engine)
+SIGNING_KEY = "signing-key"  # path of the device's private key (the one registered with the server)
 
 # Run folder layout.
 CONFIG_FILE = "config.json"

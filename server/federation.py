@@ -47,6 +47,7 @@ from edgetune.server.accounting import RoundEvent, epsilon, next_event
 from edgetune.server.audit.canaries import ensure_canaries
 from edgetune.server.checkpoint import latest_checkpoint, prune_run, save_checkpoint, save_update
 from edgetune.server.dp import mean_denominator, noise_generator, private_mean
+from edgetune.server.identity import Identities, make_verifier
 from edgetune.server.metrics import (
     RoundMetrics,
     add_phase,
@@ -64,7 +65,14 @@ from edgetune.server.sampling import private_sample
 from edgetune.server.secagg import secagg_round, skellam_event
 from edgetune.server.strategy import DeltaFedAvg
 from edgetune.server.uplinks import record_uplink
-from edgetune.server.validate import Rejection, TrainReply, delta_rms_bound, validate_eval, validate_train
+from edgetune.server.validate import (
+    Rejection,
+    TrainReply,
+    Verifier,
+    delta_rms_bound,
+    validate_eval,
+    validate_train,
+)
 from edgetune.types import StateDict
 
 __all__ = ["FederationError", "run_federation"]
@@ -94,6 +102,8 @@ class Federation:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         # Simulation: wait for every reply, dropouts from the seeded model (server/rounds.py).
         self.simulated = simulated
+        self.ids = Identities(grid)  # device id -> node (server/identity.py)
+        self.verifier: Verifier | None = None  # set once the devices are connected
         shapes = adapter_shapes(model_skeleton(cfg.model.base), cfg.lora)
         resumed = latest_checkpoint(run_dir)
         self.start_round = 1 if resumed is None else resumed[0] + 1
@@ -141,7 +151,7 @@ class Federation:
         losses, tokens = [], []
         for reply in replies:
             record_uplink(self.run_dir, round_, "evaluate", reply)
-            r = validate_eval(reply, round_, self.fed.state.version)
+            r = self.ids.check(validate_eval(reply, round_, self.fed.state.version, self.verifier))
             if isinstance(r, Rejection):
                 log.warning("round %d: evaluate reply from node %d dropped: %s", round_, r.node_id, r.reason)
                 m.rejected.append(f"evaluate, node {r.node_id}: {r.reason}")
@@ -171,7 +181,10 @@ class Federation:
         valid: list[TrainReply] = []
         for reply in replies:
             record_uplink(self.run_dir, round_, "train", reply)
-            r = validate_train(reply, round_, fed.sent_shapes, fed.codec, max_examples, fed.state.version, max_rms)
+            r = validate_train(
+                reply, round_, fed.sent_shapes, fed.codec, max_examples, fed.state.version, max_rms, self.verifier
+            )
+            r = self.ids.check(r)
             if isinstance(r, Rejection):
                 log.warning("round %d: train reply from node %d dropped: %s", round_, r.node_id, r.reason)
                 m.rejected.append(f"train, node {r.node_id}: {r.reason}")
@@ -299,6 +312,7 @@ class Federation:
         """Run the remaining rounds; returns why the run stopped early (DP budget), else None."""
         cfg, run_dir = self.cfg, self.run_dir
         nodes = _wait_for_nodes(self.grid, cfg.federation.num_devices, cfg.federation.reply_timeout)
+        self.verifier = make_verifier(self.grid, cfg, self.config_json, self.simulated)
         done = self.start_round - 1
         truncate_metrics(run_dir, done)
         logged = any(m["round"] == done for m in read_metrics(run_dir))

@@ -7,14 +7,14 @@ validation, so rejected replies are on record too. Each line of ``uplinks.jsonl`
      "records": [{"record": "delta", "type": "array", "items": [
                     {"name": "...lora_B.weight:bits", "shape": [64, 1], "dtype": "uint8", "bytes": 64}, ...]},
                  {"record": "metrics", "type": "metric", "keys": ["eval-loss", ...]},
-                 {"record": "device", "type": "config", "keys": ["device-id"]}],
+                 {"record": "device", "type": "config", "keys": ["device-id", "signature"]}],
      "bytes": 1234, "verdict": "only adapter deltas and numeric metrics", "offending": []}
 
 Allowed content (anything else is listed under ``offending``):
     ``delta``   ArrayRecord, train replies only: keys ``<adapter tensor>:<part>`` with a LoRA
                 tensor name and a codec part (bits, scales, values), numeric dtypes
     ``metrics`` MetricRecord: the known numeric metric keys, scalar values
-    ``device``  ConfigRecord holding only the device id
+    ``device``  ConfigRecord holding only the device id and its signature of the reply
     ``secagg``  ConfigRecord, secure-aggregation replies (kind ``secagg-<stage>``): public keys,
                 AES-GCM ciphertexts, a seed commitment, Shamir shares (never a plain input)
     ``secagg-masked`` ArrayRecord, ``secagg-mask`` replies: the masked input, packed uint8
@@ -83,9 +83,10 @@ def _config_items(name: str, record: Any, kind: str = "") -> tuple[dict[str, Any
     if name == wire.SECAGG and kind.startswith("secagg-"):  # public keys, ciphertexts, shares
         extra = sorted(set(record.keys()) - _SECAGG_KEYS)
         return entry, [f"secagg record carries unknown keys {extra}"] if extra else []
-    if name == wire.DEVICE and set(record.keys()) == {wire.DEVICE_ID}:
+    if name == wire.DEVICE and wire.DEVICE_ID in record and set(record.keys()) <= {wire.DEVICE_ID, wire.SIGNATURE}:
         return entry, []
-    extra = sorted(set(record.keys()) - {wire.DEVICE_ID}) if name == wire.DEVICE else sorted(record.keys())
+    allowed = {wire.DEVICE_ID, wire.SIGNATURE}
+    extra = sorted(set(record.keys()) - allowed) if name == wire.DEVICE else sorted(record.keys())
     return entry, [f"config record {name!r} carries {extra} (only 'device' with the device id)"]
 
 

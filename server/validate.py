@@ -7,13 +7,16 @@ list, an integer beyond 2**53, NaN or Inf), names no device, or carries a delta 
 than the adapter can need, does not parse, whose names, dtypes, shapes or values do not match
 what the server expects, or whose decoded root-mean-square exceeds the bound
 (:func:`delta_rms_bound`: no honest local training moves an element that far). The round
-goes on with the rest. Validation never raises, whatever a device sends
+goes on with the rest. With a :class:`Verifier`, a reply whose signature is missing or does not
+verify under the key of the device it names is rejected before anything in it is decoded.
+Validation never raises, whatever a device sends
 (``tests/test_fuzz_replies.py`` throws 10,000 mutated replies at it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.app import Message
@@ -22,6 +25,7 @@ from torch import Tensor
 from edgetune import wire
 from edgetune.adapters.codec import CodecError, Payload, decode, expected_payload_bytes, payload_bytes
 from edgetune.config import RunConfig
+from edgetune.signing import PublicKey, content_digest, verify
 
 _OPTIONAL = (wire.NUM_TOKENS, wire.SECONDS, wire.CPU_SECONDS, wire.SYNC_SECONDS, wire.SYNC_CPU_SECONDS)  # if present
 _NPY_HEADER_SLACK = 1024  # bytes of .npy header allowed per array
@@ -30,6 +34,7 @@ __all__ = [
     "EvalReply",
     "Rejection",
     "TrainReply",
+    "Verifier",
     "delta_rms_bound",
     "validate_eval",
     "validate_metrics",
@@ -106,12 +111,41 @@ class EvalReply:
     metrics: dict[str, float]
 
 
-def _common(msg: Message, round_: int, keys: tuple[str, ...], version: int | None) -> tuple[str, dict[str, float]]:
+@dataclass(frozen=True)
+class Verifier:
+    """How the server checks reply signatures (``edgetune/signing.py``)."""
+
+    run: str
+    """The run tag every reply must be signed for (``signing.run_tag`` of the run config)."""
+    key_for: Callable[[int, str], PublicKey | None]
+    """(node id, claimed device id) -> the public key the reply must verify under, or None."""
+
+
+def _check_signature(msg: Message, kind: str, device: str, verifier: Verifier) -> None:
+    """Raise ValueError unless the reply is signed by ``device``'s key over all it says."""
+    signature = msg.content.config_records[wire.DEVICE].get(wire.SIGNATURE)
+    if not isinstance(signature, bytes):
+        raise ValueError("bad signature: the reply is not signed")
+    key = verifier.key_for(msg.metadata.src_node_id, device)
+    if key is None:
+        raise ValueError(f"bad signature: no key known for device {device!r} on node {msg.metadata.src_node_id}")
+    if not verify(key, signature, content_digest(kind, verifier.run, device, msg.content)):
+        raise ValueError(f"bad signature: not signed with the key of device {device!r} for this run and round")
+
+
+def _common(
+    msg: Message, round_: int, keys: tuple[str, ...], version: int | None, verifier: Verifier | None, kind: str
+) -> tuple[str, dict[str, float]]:
     if msg.has_error():
-        raise ValueError(f"device error: {msg.error.reason}")
+        raise ValueError(f"device error: {str(msg.error.reason)[:500]}")
     content = msg.content
     if wire.METRICS not in content.metric_records or wire.DEVICE not in content.config_records:
         raise ValueError("reply lacks its metrics or device record")
+    device = content.config_records[wire.DEVICE].get(wire.DEVICE_ID, "")
+    if not isinstance(device, str) or not 1 <= len(device) <= _MAX_DEVICE_ID or not device.isprintable():
+        raise ValueError(f"device-id={_show(device)} is not 1-{_MAX_DEVICE_ID} printable characters")
+    if verifier is not None:  # before anything is decoded
+        _check_signature(msg, kind, device, verifier)
     metrics = dict(content.metric_records[wire.METRICS])
     missing = [k for k in (wire.ROUND, wire.HELD_VERSION, *keys) if k not in metrics]
     if missing:
@@ -125,9 +159,6 @@ def _common(msg: Message, round_: int, keys: tuple[str, ...], version: int | Non
     held = metrics[wire.HELD_VERSION]
     if isinstance(held, bool) or not isinstance(held, int) or held < 0 or (version is not None and held != version):
         raise ValueError(f"held-version={_show(held)}, expected {'an integer >= 0' if version is None else version}")
-    device = content.config_records[wire.DEVICE].get(wire.DEVICE_ID, "")
-    if not isinstance(device, str) or not 1 <= len(device) <= _MAX_DEVICE_ID or not device.isprintable():
-        raise ValueError(f"device-id={_show(device)} is not 1-{_MAX_DEVICE_ID} printable characters")
     return device, metrics
 
 
@@ -135,7 +166,7 @@ def validate_metrics(
     msg: Message, round_: int, keys: tuple[str, ...], version: int | None
 ) -> tuple[str, dict[str, float]]:
     """``(device id, metrics)`` of a reply whose metrics record holds ``keys`` (ValueError if not)."""
-    return _common(msg, round_, keys, version)
+    return _common(msg, round_, keys, version, None, "train")  # secure-aggregation stages are not signed yet
 
 
 def _arrays(msg: Message, shapes: dict[str, tuple[int, ...]], codec: str) -> Payload:
@@ -164,15 +195,17 @@ def validate_train(
     max_examples: int,
     version: int | None = None,
     max_rms: float = math.inf,
+    verifier: Verifier | None = None,
 ) -> TrainReply | Rejection:
     """Check a train reply (sent for ``round_`` to a device synced to ``version``); decode its delta.
 
     ``max_rms``: the largest root-mean-square the decoded delta may have
-    (:func:`delta_rms_bound`).
+    (:func:`delta_rms_bound`). ``verifier``: check the reply's signature first (None: replies
+    are not signed in this deployment).
     """
     node = msg.metadata.src_node_id
     try:
-        device, metrics = _common(msg, round_, (wire.NUM_EXAMPLES, wire.TRAIN_LOSS), version)
+        device, metrics = _common(msg, round_, (wire.NUM_EXAMPLES, wire.TRAIN_LOSS), version, verifier, "train")
         n = metrics[wire.NUM_EXAMPLES]
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_examples:
             raise ValueError(f"num-examples={_show(n)} outside [1, {max_examples}]")
@@ -184,11 +217,13 @@ def validate_train(
     return TrainReply(node, device, delta, n, metrics, payload_bytes(payload))
 
 
-def validate_eval(msg: Message, round_: int, version: int | None = None) -> EvalReply | Rejection:
-    """Check an evaluate reply (numeric metrics only)."""
+def validate_eval(
+    msg: Message, round_: int, version: int | None = None, verifier: Verifier | None = None
+) -> EvalReply | Rejection:
+    """Check an evaluate reply (numeric metrics only; signed, when ``verifier`` is given)."""
     node = msg.metadata.src_node_id
     try:
-        device, metrics = _common(msg, round_, (wire.EVAL_LOSS, wire.NUM_TOKENS), version)
+        device, metrics = _common(msg, round_, (wire.EVAL_LOSS, wire.NUM_TOKENS), version, verifier, "evaluate")
     except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as err:
         return Rejection(node, str(err))
     return EvalReply(node, device, metrics)

@@ -1,5 +1,8 @@
 """Fuzzing reply validation: 10,000 randomly mutated train and evaluate replies, none raises.
 
+Replies are signed as a simulated device signs them, and some carry bad signatures: none,
+random bytes, another device's key, or a valid signature over content changed afterwards.
+
 Each case starts from a valid reply (built the way a device builds it) and applies one to three
 mutations drawn from a fixed-seed generator: metric values of every wrong type and magnitude
 (10**400, 2**53 + 1, NaN, Inf, bools, lists, negatives), missing metrics and records, device
@@ -23,10 +26,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata,
 
 from edgetune import wire
 from edgetune.adapters.codec import encode
-from edgetune.server.validate import EvalReply, Rejection, TrainReply, validate_eval, validate_train
+from edgetune.server.validate import EvalReply, Rejection, TrainReply, Verifier, validate_eval, validate_train
+from edgetune.signing import content_digest, run_tag, sign, simulation_key
 
 CASES = 10_000
-ROUND, VERSION, MAX_EXAMPLES, MAX_RMS = 3, 2, 8, 0.5
+ROUND, VERSION, MAX_EXAMPLES, MAX_RMS, SEED = 3, 2, 8, 0.5, 0
+RUN = run_tag("fuzz")
+VERIFIER = Verifier(RUN, lambda node, device: simulation_key(SEED, device).public_key())
+KEYS = {d: simulation_key(SEED, d) for d in ("sim-0", "sim-1")}
 Q = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 V = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
 SHAPES: dict[str, tuple[int, ...]] = {Q: (16, 4), V: (8, 4)}
@@ -162,13 +169,43 @@ def _build(kind: str, metrics: dict, device: dict, arrays: dict, rng: np.random.
             content[wire.DELTA] = ArrayRecord({k: v if isinstance(v, Array) else Array(v) for k, v in arrays.items()})
     except (TypeError, ValueError):
         return None  # a value no Flower record can hold cannot reach the server either
+    _sign(kind, content, rng)
     return Message(content, reply_to=INSTRUCTIONS[kind])
+
+
+def _sign(kind: str, content: RecordDict, rng: np.random.Generator) -> None:
+    """Mostly a valid signature (so the other checks are reached); else none, random bytes,
+    another device's key, or a valid signature followed by one changed byte or metric."""
+    if wire.DEVICE not in content.config_records:
+        return
+    device = content.config_records[wire.DEVICE].get(wire.DEVICE_ID)
+    mode = int(rng.integers(10))
+    if mode == 0 or not isinstance(device, str):
+        return
+    if mode == 1:
+        content[wire.DEVICE][wire.SIGNATURE] = rng.bytes(int(rng.choice([0, 1, 63, 64, 65, 200])))
+        return
+    try:
+        digest = content_digest(kind, RUN, device, content)
+    except (TypeError, ValueError):
+        return  # metrics no JSON can carry: sent unsigned
+    key = KEYS["sim-1" if mode == 2 else "sim-0"] if device == "sim-0" else simulation_key(SEED, device)
+    content[wire.DEVICE][wire.SIGNATURE] = sign(key, digest)
+    if mode == 3 and wire.DELTA in content.array_records and len(content[wire.DELTA]) > 0:
+        key = sorted(content[wire.DELTA])[0]
+        a = content[wire.DELTA][key]
+        data = bytearray(a.data)
+        if data:
+            data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+        content[wire.DELTA][key] = Array(a.dtype, a.shape, a.stype, bytes(data))
+    elif mode == 4 and wire.METRICS in content.metric_records:
+        content[wire.METRICS]["extra"] = 1.0
 
 
 def _validate(kind: str, msg: Message, codec: str) -> object:
     if kind == "train":
-        return validate_train(msg, ROUND, SHAPES, codec, MAX_EXAMPLES, VERSION, MAX_RMS)
-    return validate_eval(msg, ROUND, VERSION)
+        return validate_train(msg, ROUND, SHAPES, codec, MAX_EXAMPLES, VERSION, MAX_RMS, VERIFIER)
+    return validate_eval(msg, ROUND, VERSION, VERIFIER)
 
 
 def test_ten_thousand_mutated_replies_are_each_accepted_or_rejected() -> None:

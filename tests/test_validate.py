@@ -30,6 +30,7 @@ from edgetune.adapters.lora import adapter_shapes, exchanged_names
 from edgetune.config import CODECS, FederationConfig, LoraConfig, ModelConfig, RunConfig
 from edgetune.models import model_skeleton
 from edgetune.server.validate import EvalReply, Rejection, TrainReply, validate_eval, validate_train
+from edgetune.signing import content_digest, run_tag, sign, simulation_key
 
 SERVER_NODE = 1
 NODE = 5
@@ -464,6 +465,10 @@ class ScriptedGrid:
         if node in self.bad_nodes and kind == self.bad_kind:
             metrics.update(self.bad)
         content[wire.METRICS] = MetricRecord(metrics)
+        # Signed as a simulated device signs (run seed 0, as _scripted_config sets).
+        run = run_tag(str(config[wire.RUN_CONFIG_JSON]))
+        digest = content_digest(kind, run, f"dev-{node}", content)
+        content[wire.DEVICE][wire.SIGNATURE] = sign(simulation_key(0, f"dev-{node}"), digest)
         return Message(content, reply_to=msg)
 
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
