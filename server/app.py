@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -23,12 +25,13 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, from_flat(dict(context.run_config)))
 
 
-def server_app_for(cfg: RunConfig) -> ServerApp:
-    """A ServerApp that runs ``cfg`` in simulation, whatever run-config Flower passes."""
+def server_app_for(cfg: RunConfig, stop: threading.Event | None = None) -> ServerApp:
+    """A ServerApp that runs ``cfg`` in simulation, whatever run-config Flower passes;
+    setting ``stop`` ends the run early with status ``interrupted``."""
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, simulated=True)
+        run_federation(grid, cfg, simulated=True, stop=stop)
 
     return bound

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ from edgetune.server.metrics import (
     write_pending,
 )
 from edgetune.server.robust import aggregate
-from edgetune.server.rounds import dropouts, exchange
+from edgetune.server.rounds import Interrupted, dropouts, exchange
 from edgetune.server.sampling import private_sample
 from edgetune.server.secagg import secagg_round, skellam_event
 from edgetune.server.strategy import DeltaFedAvg
@@ -98,10 +99,13 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 class Federation:
     """One run's server side: a :class:`DeltaFedAvg` plus the Grid, run folder and metrics."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, simulated: bool = False) -> None:
+    def __init__(
+        self, grid: Grid, cfg: RunConfig, run_dir: Path, simulated: bool = False, stop: threading.Event | None = None
+    ) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         # Simulation: wait for every reply, dropouts from the seeded model (server/rounds.py).
         self.simulated = simulated
+        self.stop = stop  # set by a signal: end at the next poll, status "interrupted"
         self.ids = Identities(grid)  # device id -> node (server/identity.py)
         self.verifier: Verifier | None = None  # set once the devices are connected
         shapes = adapter_shapes(model_skeleton(cfg.model.base), cfg.lora)
@@ -141,7 +145,7 @@ class Federation:
     def _send(self, nodes: list[int], kind: str, round_: int) -> tuple[list[Message], int]:
         sent = [self._message(n, kind, round_) for n in nodes]
         timeout = None if self.simulated else self.cfg.federation.reply_timeout
-        replies = exchange(self.grid, [m for m, _ in sent], timeout, f"round {round_} {kind}")
+        replies = exchange(self.grid, [m for m, _ in sent], timeout, f"round {round_} {kind}", self.stop)
         return replies, sum(b for _, b in sent)
 
     def evaluate(self, round_: int, m: RoundMetrics, nodes: list[int]) -> None:
@@ -334,6 +338,9 @@ class Federation:
         )
         bar.set_postfix(eval_loss=f"{first.eval_loss:.4f}" if first.eval_loss is not None else "-")
         for round_ in bar:
+            if self.stop is not None and self.stop.is_set():
+                bar.close()
+                raise Interrupted(f"stopped before round {round_}")
             start, cpu_start = time.perf_counter(), time.process_time()
             planned = self.plan_privacy(round_, len(nodes)) if cfg.dp.enabled else None
             if planned is not None and 0 < cfg.dp.max_epsilon < planned[1]:
@@ -371,11 +378,13 @@ def _add_device_phases(m: RoundMetrics, phase: str, metrics: dict[str, float]) -
     add_phase(m, phase, float(metrics.get(wire.SECONDS, 0.0)), float(metrics.get(wire.CPU_SECONDS, 0.0)))
 
 
-def run_federation(grid: Grid, cfg: RunConfig, simulated: bool = False) -> None:
+def run_federation(grid: Grid, cfg: RunConfig, simulated: bool = False, stop: threading.Event | None = None) -> None:
     """Run (or resume) the federation described by ``cfg`` in ``cfg.run_dir``.
 
     ``simulated``: the Grid is Flower's simulation engine, so replies are awaited without a
     wall-clock timeout and dropouts come from ``federation.dropout`` (``server/rounds.py``).
+    ``stop``: once set, the run ends at the next poll with status ``interrupted`` and the last
+    completed (checkpointed) round; ``--resume`` continues it exactly.
 
     Writes ``status.json`` (``completed``, with a ``reason`` when the DP budget stopped the
     run early, or ``failed`` with the error) so callers that cannot see this thread's
@@ -389,7 +398,12 @@ def run_federation(grid: Grid, cfg: RunConfig, simulated: bool = False) -> None:
         _check_resumable(run_dir, cfg)
         atomic_write_text(run_dir / wire.CONFIG_FILE, dumps(cfg))
         ensure_canaries(run_dir, cfg)  # audit runs only: secrets the devices plant, for the report
-        stopped = Federation(grid, cfg, run_dir, simulated).run()
+        stopped = Federation(grid, cfg, run_dir, simulated, stop).run()
+    except Interrupted as err:
+        last = latest_checkpoint(run_dir)
+        body = {"status": "interrupted", "last_round": last[0] if last else 0, "reason": str(err)}
+        atomic_write_text(status, json.dumps(body))  # the caller prints the one line
+        return
     except BaseException as err:
         atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
         raise

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Iterable
 
@@ -26,9 +27,13 @@ from tqdm import tqdm
 
 from edgetune import wire
 
-__all__ = ["dropouts", "exchange", "uniform"]
+__all__ = ["Interrupted", "dropouts", "exchange", "uniform"]
 
 _PULL_INTERVAL = 0.1  # seconds between polls of the in-memory grid
+
+
+class Interrupted(RuntimeError):
+    """The run was asked to stop (Ctrl-C or SIGTERM in ``edgetune simulate``)."""
 
 
 def uniform(*parts: object) -> float:
@@ -55,7 +60,9 @@ def _tokens(msg: Message) -> float:
     return float(value) if isinstance(value, int | float) and value == value else 0.0
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float | None, desc: str) -> list[Message]:
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float | None, desc: str, stop: threading.Event | None = None
+) -> list[Message]:
     """Send ``messages`` and return the replies.
 
     Args:
@@ -64,6 +71,10 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None, desc: s
         timeout: Seconds to wait (real deployments); None waits for every reply (simulation,
             where a device that fails still answers, with an error reply).
         desc: What the in-round progress bar says (simulation only).
+        stop: Set when the run must stop; checked between polls (simulation only).
+
+    Raises:
+        Interrupted: ``stop`` was set before every reply came back.
     """
     if timeout is not None:
         return list(grid.send_and_receive(messages, timeout=timeout))
@@ -74,6 +85,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float | None, desc: s
     start, tokens = time.perf_counter(), 0.0
     with tqdm(total=len(pending), desc=desc, unit="device", leave=False) as bar:
         while pending:
+            if stop is not None and stop.is_set():
+                raise Interrupted(f"{desc}: stopped with {len(replies)} of {len(messages)} replies in")
             got = list(grid.pull_messages(pending))
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not got:

@@ -9,9 +9,14 @@ all cores, so every device it serves shares one loaded base model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,11 +27,40 @@ if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-__all__ = ["SimulationError", "run_apps", "simulate"]
+__all__ = ["SimulationError", "SimulationInterrupted", "run_apps", "simulate", "stop_on_signals"]
 
 
 class SimulationError(RuntimeError):
     """The simulated run did not complete (the reason is in the message)."""
+
+
+class SimulationInterrupted(SimulationError):
+    """Ctrl-C or SIGTERM stopped the run; ``status.json`` says ``interrupted`` and the last round."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """The first SIGINT or SIGTERM sets ``stop``; a second one raises KeyboardInterrupt at once.
+
+    Without this, the first Ctrl-C lands in Flower's simulation loop while the ServerApp
+    thread waits on, and the process hangs until a second Ctrl-C. Only the main thread can
+    install handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # the second signal: give up waiting
+        stop.set()  # the run ends at the server's next poll; simulate() reports it in one line
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 class _DropDeprecationNotice(logging.Filter):
@@ -36,8 +70,20 @@ class _DropDeprecationNotice(logging.Filter):
         return "run_simulation` function is deprecated" not in record.getMessage()
 
 
-def run_apps(server_app: ServerApp, client_app: ClientApp, num_devices: int, verbose: bool = False) -> None:
-    """``run_simulation`` with edgetune's backend: one Ray actor owning all cores; Ray always shut down."""
+def run_apps(
+    server_app: ServerApp,
+    client_app: ClientApp,
+    num_devices: int,
+    verbose: bool = False,
+    stop: threading.Event | None = None,
+) -> None:
+    """``run_simulation`` with edgetune's backend: one Ray actor owning all cores; Ray always shut down.
+
+    With ``stop``, Ray is started here (as Flower would start it) and then SIGINT and SIGTERM
+    only set ``stop`` (:func:`stop_on_signals`): Ray's own SIGTERM handler, installed by
+    ``ray.init``, would otherwise end the process with stack dumps and ``status.json``
+    still ``running``.
+    """
     import ray
     from flwr.simulation import run_simulation
 
@@ -51,13 +97,19 @@ def run_apps(server_app: ServerApp, client_app: ClientApp, num_devices: int, ver
     notice = _DropDeprecationNotice()
     logging.getLogger("flwr").addFilter(notice)
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_devices,
-            backend_config=backend,  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        if stop is not None and not ray.is_initialized():
+            # What Flower's Ray backend does when Ray is not up yet (it then leaves Ray alone).
+            pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+            os.environ["PYTHONPATH"] = pythonpath
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend["init_args"])  # type: ignore[arg-type]
+        with stop_on_signals(stop) if stop is not None else contextlib.nullcontext():
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_devices,
+                backend_config=backend,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
     finally:
         logging.getLogger("flwr").removeFilter(notice)
         if ray.is_initialized():
@@ -69,6 +121,7 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
 
     Raises:
         SimulationError: the ServerApp failed or never reported completion.
+        SimulationInterrupted: a signal stopped the run (``--resume`` continues it).
         QuantizeError: ``model.quantize`` cannot train on this machine (before anything starts).
     """
     from edgetune.client.app import app as client_app
@@ -78,12 +131,18 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
     check_trainable(cfg.model.quantize)  # an unsupported base quantisation fails here, in one line
     run_dir = Path(cfg.run_dir)
     error: BaseException | None = None
+    stop = threading.Event()
     try:
-        run_apps(server_app_for(cfg), client_app, cfg.federation.num_devices, verbose)
+        run_apps(server_app_for(cfg, stop), client_app, cfg.federation.num_devices, verbose, stop)
     except BaseException as err:  # noqa: BLE001 - reported below with the run's own status
         error = err
     status_path = run_dir / wire.STATUS_FILE
     status = json.loads(status_path.read_text()) if status_path.is_file() else {"status": "missing"}
+    if status.get("status") == "interrupted":
+        raise SimulationInterrupted(
+            f"interrupted; round {status.get('last_round')} is the last completed; "
+            f"continue with: edgetune simulate --resume {run_dir}"
+        )
     if error is not None or status.get("status") != "completed":
         reason = status.get("error") or (f"{type(error).__name__}: {error}" if error else "no status written")
         raise SimulationError(f"simulation in {run_dir} did not complete: {reason}") from error

@@ -15,7 +15,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,11 +222,17 @@ def _misbehaving_client_app() -> ClientApp:
         if partition == 1:
             raise RuntimeError("device 1 ran out of battery")
         reply = client_train(msg, context)
-        if partition == 0:
+        if partition == 0:  # a malicious device signs what it sends with its own key
+            from edgetune.signing import content_digest, run_tag, sign, simulation_key
+
             delta = reply.content.array_records[wire.DELTA]
             reply.content[wire.DELTA] = ArrayRecord(
                 {k: Array(np.zeros(a.numpy().size + 1, a.numpy().dtype)) for k, a in delta.items()}
             )
+            config = str(msg.content.config_records[wire.CONFIG][wire.RUN_CONFIG_JSON])
+            digest = content_digest("train", run_tag(config), "sim-0", reply.content)
+            key = simulation_key(json.loads(config)["seed"], "sim-0")
+            reply.content[wire.DEVICE][wire.SIGNATURE] = sign(key, digest)
         return reply
 
     @app.evaluate()
@@ -268,3 +279,47 @@ def test_resuming_with_other_settings_raises_simulation_error(completed_run: Run
     )
     with pytest.raises(SimulationError, match=r"other settings \(\['train.learning-rate'\]\)"):
         simulate(changed)
+
+
+def _session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "sid=,pid=,comm="], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
+
+
+def test_ctrl_c_stops_within_10_s_and_resume_equals_the_uninterrupted_run(
+    completed_run: RunConfig, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during round 2."""
+    run_dir = tmp_path / "run"
+    flags = ["--base", "tiny", "--seed", "7", "--set", "lora.rank=4", "--set", "data.max-length=128"]
+    flags += ["--steps", "2", "--batch-size", "4", "--devices", str(NUM_DEVICES), "--rounds", "50"]
+    cli = [str(Path(sys.executable).parent / "edgetune"), "simulate", *flags, "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(m["round"] == 1 for m in read_metrics(run_dir)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert took < 10, f"stopped {took:.1f} s after Ctrl-C"
+    lines = [line for line in err.splitlines() if line.startswith("edgetune:")]
+    assert lines[-1].startswith("edgetune: interrupted; round ") and "Traceback" not in err, err
+    status = json.loads((run_dir / wire.STATUS_FILE).read_text())
+    assert status["status"] == "interrupted" and 1 <= status["last_round"] < 3, status
+    deadline = time.monotonic() + 10  # Ray's actor exits a few seconds after the driver
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _session_processes(proc.pid) == []  # no Ray or Flower process left behind
+
+    resumed = dataclasses.replace(completed_run, run_dir=str(run_dir))
+    assert simulate(resumed) == run_dir  # rounds may change on resume: 50 -> 3
+    expected, got = _global_adapter(completed_run), _global_adapter(resumed)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k

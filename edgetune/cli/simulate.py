@@ -97,7 +97,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from edgetune.server.checkpoint import footprint
     from edgetune.server.metrics import plot_run, read_metrics, summary_table, time_table
     from edgetune.simulations.preflight import check_inputs
-    from edgetune.simulations.simulate import SimulationError, simulate
+    from edgetune.simulations.simulate import SimulationError, SimulationInterrupted, simulate
 
     cfg = config_from_args(args)
     run_dir = Path(cfg.run_dir)
@@ -116,6 +116,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         return 2
     try:
         simulate(cfg, verbose=args.verbose)
+    except SimulationInterrupted as err:
+        print(f"edgetune: {err}", file=sys.stderr)
+        return 130  # the shell's code for "stopped by a signal"
     except SimulationError as err:
         print(f"edgetune: {err}", file=sys.stderr)
         return 1
