@@ -4,7 +4,8 @@ One federation serves every test in the file (module fixture): a SuperLink with 
 SuperNode authentication, two devices with different local JSONL data (tiny model), and a
 two-round run. Then: an unregistered device is refused (both sides say so), a plain-text
 client cannot talk to the TLS port, the bytes per round equal a ``simulate()`` of the same
-settings, and every process the test started (and every process those started) is gone.
+settings, a secure-aggregation round completes on the same devices, and every process the
+test started (and every process those started) is gone.
 
 Ports are picked free at run time; ``FLWR_HOME`` points into the test's folder. Flower
 starts a fresh Python process for every message a device handles, so each round costs a few
@@ -264,6 +265,22 @@ def test_bytes_per_round_equal_the_simulation(federation: Federation) -> None:
     sim = [(r["round"], r["bytes_up"], r["bytes_down"]) for r in read_metrics(sim_dir)]
     real = [(r["round"], r["bytes_up"], r["bytes_down"]) for r in read_metrics(federation.root / "run")]
     assert real == sim and sim[1][1] > 0
+
+
+def test_secure_aggregation_round_on_real_devices(federation: Federation) -> None:
+    """The same two SuperNodes run a SecAgg round: four message stages, each message in a fresh
+    ClientApp process, the device's round secrets kept in the SuperNode's context state."""
+    sets = [a for k, v in {**RUN_SETTINGS, "secagg.enabled": "true"}.items() for a in ("--set", f"{k}={v}")]
+    run_dir = federation.root / "run-secagg"
+    run = _cli(
+        *("run", "--server", federation.control, "--ca", str(federation.ca), "--run-dir", str(run_dir)),
+        *("--devices", "2", "--rounds", "1", *sets),
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / wire.METRICS_FILE).read_text().splitlines()]
+    sa = rows[1]["secagg"]
+    assert sa["skipped"] is None and sa["survivors"] == 2 and sa["k"] == 1 + 2 and rows[1]["version"] == 1
+    assert set(sa["stage_seconds"]) == {"keys", "share", "mask", "unmask"}
 
 
 def test_every_started_process_is_stopped(federation: Federation) -> None:
