@@ -173,7 +173,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.train("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Secure aggregation, stage 1: sync, train, keep the integer input; reply with public keys."""
+    start = _clock()
     r = _open_round(msg, context)
+    synced = _clock()
     engine = select_engine(r.cfg, context.node_config)
     delta, stats, n = train_delta(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round, engine)
     keys = secagg.start(context, msg, r.cfg, r.storage, delta, r.round)
@@ -181,7 +183,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
         wire.NUM_EXAMPLES: n,
         wire.TRAIN_LOSS: stats.loss,
         wire.NUM_TOKENS: stats.seen_tokens,
-        wire.SECONDS: stats.seconds,
+        **_phases(start, synced),
     }
     reply = _reply(msg, r, metrics)
     reply.content[wire.SECAGG] = keys

@@ -35,7 +35,7 @@ from edgetune.config import RunConfig
 from edgetune.server.accounting import RoundEvent
 from edgetune.server.checkpoint import save_update
 from edgetune.server.dp import mean_denominator
-from edgetune.server.metrics import RoundMetrics
+from edgetune.server.metrics import RoundMetrics, add_phase, timed_phase
 from edgetune.server.rounds import exchange
 from edgetune.server.uplinks import record_uplink
 from edgetune.server.validate import validate_metrics
@@ -136,6 +136,9 @@ def _keys_stage(r: _Round, chosen: list[int], m: RoundMetrics) -> dict[int, tupl
         losses.append(float(metrics[wire.TRAIN_LOSS]))
         m.train_tokens += int(metrics.get(wire.NUM_TOKENS, 0))
         m.train_seconds += float(metrics.get(wire.SECONDS, 0.0))
+        # The device's own timing, as for a plain train reply: sync, then train and encode.
+        add_phase(m, "sync", float(metrics.get(wire.SYNC_SECONDS, 0.0)), float(metrics.get(wire.SYNC_CPU_SECONDS, 0.0)))
+        add_phase(m, "train", float(metrics.get(wire.SECONDS, 0.0)), float(metrics.get(wire.CPU_SECONDS, 0.0)))
     m.replies = len(roster)
     fed.valid_replies += len(roster)
     if weights:
@@ -234,10 +237,11 @@ def secagg_round(fed: Federation, round_: int, m: RoundMetrics, chosen: list[int
         plan = r.spec.plan
         assert plan is not None  # DP on means a Skellam plan
         m.dp_noise_std = math.sqrt(survivors * plan.device_variance) / (plan.scale * denominator)
-    mean = decode_sum(result.total, r.spec, survivors, denominator)
+    with timed_phase(m, "aggregate"):
+        payload = fed.fed.apply_mean(decode_sum(result.total, r.spec, survivors, denominator))
     r.report["survivors"] = survivors
-    payload = fed.fed.apply_mean(mean)
-    save_update(fed.run_dir, fed.fed.state.version, payload)
+    with timed_phase(m, "io"):
+        save_update(fed.run_dir, fed.fed.state.version, payload)
     _account(r, m)
 
 

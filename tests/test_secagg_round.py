@@ -145,6 +145,7 @@ def test_round_mean_is_the_exact_decoded_sum(tmp_path, server_identity, applied,
     assert sa["k"] == 1 + 3 and sa["skipped"] is None and sa["survivors"] == len(counted)
     assert sum(sa["dropouts"].values()) == (1 if drop else 0)
     assert set(sa["stage_seconds"]) == {"keys", "share", "mask", "unmask"}
+    assert row["wall_seconds"]["train"] > 0 and "aggregate" in row["wall_seconds"]
     assert sa["bits_up_per_param"] < 1 + 3 + 2  # k bits of masked input plus keys and shares
     assert "sa bits/p" in summary_table(read_metrics(Path(cfg.run_dir))).splitlines()[0]
 
