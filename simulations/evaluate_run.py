@@ -107,7 +107,7 @@ def evaluate_run(
     start_time = time.perf_counter()
     data = cfg.data if data_source is None else dataclasses.replace(cfg.data, source=data_source)
     n, ev = cfg.federation.num_devices, cfg.eval
-    model, tokenizer = device_model(cfg.model.base, cfg.lora)
+    model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize)
     pad = pad_id(tokenizer)
     conversations = [device_conversations(data, "", i, n, cfg.seed) for i in range(n)]
     devices = [tokenized_device(data, "", i, n, cfg.seed, tokenizer) for i in range(n)]
