@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune import wire
+from edgetune.client.reach import diagnose
 from edgetune.config import RESUMABLE_KEYS, RunConfig, to_flat
 from edgetune.processes import flower_executable, forward_signals, pump_lines, start, stop_tree
 
@@ -160,13 +161,18 @@ def _run_once(opts: JoinOptions, stopping: threading.Event, say) -> tuple[int, b
 def join(opts: JoinOptions, say=print) -> int:
     """Run the device in the foreground until Ctrl-C / SIGTERM; returns the exit code.
 
-    0: stopped by the user; 1: the server refused this device's key.
+    0: stopped by the user; 1: the server refused this device's key; 2: the device and the
+    server cannot talk for a reason the device can see (``client/reach.py``).
     """
     opts.storage_dir.mkdir(parents=True, exist_ok=True)
     stopping = threading.Event()
     log = opts.storage_dir / wire.SUPERNODE_LOG_FILE
     say(f"device {opts.device_id}: joining {opts.server}; data {opts.data_path}; storage {opts.storage_dir}")
     say(f"log: {log}; Ctrl-C leaves the federation")
+    problem = diagnose(opts.server, opts.ca_cert)  # TLS against plain text, wrong CA: say so now
+    if problem:
+        say(f"edgetune: {problem}")
+        return 2
     with forward_signals(lambda _s: stopping.set()):
         while not stopping.is_set():
             code, refused = _run_once(opts, stopping, say)
