@@ -137,7 +137,8 @@ def _common(
     msg: Message, round_: int, keys: tuple[str, ...], version: int | None, verifier: Verifier | None, kind: str
 ) -> tuple[str, dict[str, float]]:
     if msg.has_error():
-        raise ValueError(f"device error: {str(msg.error.reason)[:500]}")
+        reason = str(msg.error.reason)  # a traceback ends with the exception: keep the end
+        raise ValueError(f"device error: {reason if len(reason) <= 2000 else '...' + reason[-2000:]}")
     content = msg.content
     if wire.METRICS not in content.metric_records or wire.DEVICE not in content.config_records:
         raise ValueError("reply lacks its metrics or device record")
