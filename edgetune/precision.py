@@ -13,6 +13,12 @@ An explicit ``bf16`` or ``fp32`` always wins. Every process resolves for its own
 device resolves the run's ``auto`` for itself), once, at the boundary where it parses the
 run config (:func:`resolve_run`); code below that sees only ``bf16`` or ``fp32``.
 
+Under bf16, :func:`hold_frozen_in_bf16` stores the frozen base Linear weights in bf16 once:
+autocast re-casts a weight that needs no gradient on every use (its cast cache holds only
+leaves that require grad), so an fp32 base is converted again in every forward. The matmuls
+see the same bf16 values either way; embeddings, norms, the adapter and the optimizer
+state stay fp32.
+
 Example:
     >>> resolve_precision("auto", frozenset({"avx2", "avx512f", "avx512_bf16"})).precision
     'bf16'
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from edgetune.config import RunConfig
 
@@ -36,6 +43,7 @@ __all__ = [
     "BF16_UNIT_FLAGS",
     "Resolved",
     "cpu_flags",
+    "hold_frozen_in_bf16",
     "matmul_gflops",
     "resolve_precision",
     "resolve_run",
@@ -120,3 +128,27 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
     if chosen == cfg.train.precision:
         return cfg
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))  # type: ignore[arg-type]
+
+
+def hold_frozen_in_bf16(model: nn.Module) -> int:
+    """Store every frozen fp32 ``nn.Linear`` weight (and bias) of ``model`` in bf16, in place.
+
+    Adapter layers (names with ``lora_``) and anything that trains stay as they are, and so
+    do embeddings and norms (the residual stream stays fp32). A head tied to the input
+    embedding gets its own bf16 copy (the embedding stays fp32). Only for use under bf16
+    autocast: an fp32 forward would meet bf16 weights.
+
+    Returns:
+        Parameters converted (0 when there is nothing to convert, e.g. a quantised base).
+    """
+    converted = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or "lora_" in name:
+            continue
+        for attr in ("weight", "bias"):
+            param = getattr(module, attr)
+            if param is None or param.requires_grad or param.dtype != torch.float32:
+                continue
+            setattr(module, attr, nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
+            converted += 1
+    return converted

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from edgetune.config import ConfigError, RunConfig, TrainConfig
-from edgetune.precision import cpu_flags, matmul_gflops, resolve_precision, resolve_run, resolved_for_this_cpu
+from edgetune.precision import (
+    cpu_flags,
+    hold_frozen_in_bf16,
+    matmul_gflops,
+    resolve_precision,
+    resolve_run,
+    resolved_for_this_cpu,
+)
 
 X86 = frozenset({"sse2", "avx", "avx2", "avx512f"})
 
@@ -68,3 +75,31 @@ def test_resolve_run_is_the_default_and_keeps_explicit_configs() -> None:
         TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="expected auto, bf16 or fp32"):
         resolve_precision("fp16")
+
+
+def test_a_bf16_base_gives_the_same_loss_and_gradients_as_autocast_over_fp32(tiny_model, tiny_tokenizer) -> None:
+    import copy
+
+    from edgetune.adapters.lora import attach_lora
+    from edgetune.config import LoraConfig
+
+    torch.manual_seed(0)
+    reference = attach_lora(tiny_model, LoraConfig(rank=4))
+    for name, p in reference.named_parameters():
+        if ".lora_B." in name:
+            p.data.normal_(0, 0.1)  # B = 0 would hide the adapter path
+    held = copy.deepcopy(reference)
+    converted = hold_frozen_in_bf16(held)
+    # 2 layers x 7 projections + the LM head (untied from the embedding).
+    assert converted == 15
+    lm = held.get_base_model()
+    assert lm.lm_head.weight.dtype == torch.bfloat16 and lm.model.embed_tokens.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for n, p in held.named_parameters() if "lora_" in n or "norm" in n)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for model in (reference, held):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)  # the same bf16 matmuls, bit for bit
