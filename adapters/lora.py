@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from edgetune.adapters.binary import make_binary
 from edgetune.config import LoraConfig
 from edgetune.models import load_base
+from edgetune.precision import hold_frozen_in_bf16
 from edgetune.types import StateDict
 
 __all__ = [
@@ -87,15 +88,23 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
 
 
 @functools.cache
-def device_model(base: str, lora: LoraConfig, quantize: str = "none") -> tuple[PeftModel, PreTrainedTokenizerBase]:
+def device_model(
+    base: str, lora: LoraConfig, quantize: str = "none", precision: str = "fp32"
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The process-wide base model (``quantize``: ``model.quantize``) with an adapter attached,
-    loaded once per ``(base, lora, quantize)``.
+    loaded once per ``(base, lora, quantize, precision)``.
 
     Every virtual device a simulation process serves reuses the same weights and only swaps
-    adapter tensors in (:func:`set_adapter`).
+    adapter tensors in (:func:`set_adapter`). Under ``precision="bf16"`` (resolved, never
+    ``auto``) the frozen base Linear weights are held in bf16 (:func:`hold_frozen_in_bf16`):
+    the same matmuls as bf16 autocast over fp32 weights, without re-casting the whole model
+    in every step; such a model must run under bf16 autocast.
     """
     model, tokenizer = load_base(base, quantize)
-    return attach_lora(model, lora), tokenizer
+    peft_model = attach_lora(model, lora)
+    if precision == "bf16":
+        hold_frozen_in_bf16(peft_model)
+    return peft_model, tokenizer
 
 
 def _travels(name: str, lora: LoraConfig) -> bool:

@@ -82,7 +82,8 @@ def _open_round(msg: Message, context: Context) -> _Round:
     device_dir = Path(str(storage_dir)) if storage_dir else Path(str(config[wire.DEVICE_ROOT])) / device_id
     # A real device serves run after run: each run's adapter state in a folder of its own.
     storage = DeviceStorage(run_state_dir(device_dir, cfg) if storage_dir else device_dir)
-    model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize)
+    precision = resolve_run(cfg).train.precision  # train.precision=auto: bf16 or fp32, for this device's CPU
+    model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize, precision)
     data_path, index = str(node.get(wire.DATA_PATH, "")), int(node.get(wire.PARTITION_ID, 0))
     canaries = canary_file_for(cfg, str(config[wire.DEVICE_ROOT]))  # audit runs plant canaries
     if cfg.rag.enabled:  # each question with context from the device's own index
@@ -91,7 +92,7 @@ def _open_round(msg: Message, context: Context) -> _Round:
         data = tokenized_device(cfg.data, data_path, index, cfg.federation.num_devices, cfg.seed, tokenizer, canaries)
     version = int(config[wire.VERSION])
     state = sync_global(storage, model, cfg, _downlink(msg.content, version))
-    cfg = resolve_run(cfg)  # train.precision=auto: bf16 or fp32, for this device's CPU
+    cfg = resolve_run(cfg)
     run, key = run_tag(str(config[wire.RUN_CONFIG_JSON])), _signing_key(node, cfg, device_id)
     round_ = int(config[wire.ROUND])
     return _Round(cfg, storage, model, pad_id(tokenizer), data, state, round_, version, device_id, run, key)

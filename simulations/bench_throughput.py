@@ -9,7 +9,9 @@ and fp32) with all threads; training FLOPs per step are counted exactly by
 ``torch.utils.flop_counter`` on one step (forward + backward, the matmuls that really run);
 throughput is tokens (prompt included, padding excluded) over wall time of ``--steps``
 steps, median over ``--repeats`` (CPU seconds beside). Each precision (bf16 autocast, fp32)
-is measured on the same batches, as a fraction of its own peak. The CPU's features and what
+is measured on the same batches, as a fraction of its own peak, as training runs it (bf16:
+frozen base held in bf16; fused AdamW) and with each of those changes undone
+(``bf16-fp32-base``, ``*-foreach``), the repeats interleaved across variants. The CPU's features and what
 ``train.precision=auto`` picks on it are reported too. Ends with one JSON line.
 """
 
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgetune.adapters.lora import device_model
 from edgetune.chat import iterate_batches
+from edgetune.client.train import adapter_optimizer
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
 from edgetune.datasets.devices import tokenized_device
 from edgetune.lm import autocast, pad_id, summed_loss
@@ -57,11 +60,11 @@ def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor], precision
 
 
 def timed_steps(
-    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], precision: str, lr: float
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], precision: str, lr: float, fused: bool = True
 ) -> tuple[float, float]:
-    """Wall and CPU seconds for one optimizer step per batch."""
+    """Wall and CPU seconds for one optimizer step per batch: ``train_local``'s step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
+    opt = adapter_optimizer(params, lr, fused)
     start, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
         with autocast(precision):
@@ -93,10 +96,12 @@ def main() -> None:
     args = parser.parse_args()
 
     lora = LoraConfig()
-    model, tokenizer = device_model(args.base, lora)
+    models = {held: device_model(args.base, lora, "none", "bf16" if held else "fp32") for held in (False, True)}
+    tokenizer = models[False][1]
     data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
     batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer)))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(int(b["attention_mask"].numel()) for b in batches)
     peaks = {"bf16": matmul_peak_gflops(torch.bfloat16), "fp32": matmul_peak_gflops(torch.float32)}
     features = cpu_features()
     print(
@@ -105,7 +110,6 @@ def main() -> None:
         f"{peaks['fp32']:.0f} GFLOP/s; train.precision=auto -> {features['auto_precision']}",
         flush=True,
     )
-    model.train()
     result: dict[str, object] = {
         "benchmark": "throughput",
         "base": args.base,
@@ -113,27 +117,42 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "tokens_per_run": tokens,
+        "padding_fraction": round(1 - tokens / padded, 4),
         "threads": torch.get_num_threads(),
         "cpu": features,
         "bf16_matmul_peak_gflops": round(peaks["bf16"], 1),
         "fp32_matmul_peak_gflops": round(peaks["fp32"], 1),
     }
-    for precision in ("bf16", "fp32"):
-        flops = sum(step_flops(model, b, precision) for b in batches)
-        timed_steps(model, batches[:1], precision, 1e-3)  # warm-up
-        runs = [timed_steps(model, batches, precision, 1e-3) for _ in range(args.repeats)]
-        seconds = statistics.median(w for w, _ in runs)
-        fractions = [flops / w / 1e9 / peaks[precision] for w, _ in runs]
-        result[f"{precision}_tokens_per_s"] = round(tokens / seconds, 1)
-        result[f"{precision}_seconds"] = round(seconds, 3)
-        result[f"{precision}_cpu_seconds"] = round(statistics.median(c for _, c in runs), 3)
-        result[f"{precision}_gflops"] = round(flops / seconds / 1e9, 1)
-        result[f"{precision}_fraction_of_peak"] = round(statistics.median(fractions), 4)
-        result[f"{precision}_fraction_of_peak_runs"] = [round(f, 4) for f in fractions]
+    # (name, precision, bf16-held base, fused AdamW); the first of each precision is what
+    # training runs today, the others are the changes measured against it.
+    variants = [
+        ("bf16", "bf16", True, True),
+        ("bf16-fp32-base", "bf16", False, True),
+        ("bf16-foreach", "bf16", True, False),
+        ("fp32", "fp32", False, True),
+        ("fp32-foreach", "fp32", False, False),
+    ]
+    flops = {p: sum(step_flops(models[p == "bf16"][0].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
+    for _name, precision, held, fused in variants:  # warm-up
+        timed_steps(models[held][0].train(), batches[:1], precision, 1e-3, fused)
+    for _ in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike
+        for name, precision, held, fused in variants:
+            runs[name].append(timed_steps(models[held][0], batches, precision, 1e-3, fused))
+    for name, precision, _, _ in variants:
+        seconds = statistics.median(w for w, _ in runs[name])
+        fractions = [flops[precision] / w / 1e9 / peaks[precision] for w, _ in runs[name]]
+        cpu_s = statistics.median(c for _, c in runs[name])
+        result[f"{name}_tokens_per_s"] = round(tokens / seconds, 1)
+        result[f"{name}_seconds"] = round(seconds, 3)
+        result[f"{name}_cpu_seconds"] = round(cpu_s, 3)
+        result[f"{name}_gflops"] = round(flops[precision] / seconds / 1e9, 1)
+        result[f"{name}_fraction_of_peak"] = round(statistics.median(fractions), 4)
+        result[f"{name}_fraction_of_peak_runs"] = [round(f, 4) for f in fractions]
         print(
-            f"{precision}: {tokens / seconds:8.1f} tokens/s, {flops / seconds / 1e9:7.1f} GFLOP/s "
-            f"= {statistics.median(fractions):.1%} of the {precision} matmul peak ({peaks[precision]:.0f} GFLOP/s); "
-            f"{seconds:.2f} s wall, {result[f'{precision}_cpu_seconds']} s CPU per {args.steps} steps",
+            f"{name:>15}: {tokens / seconds:8.1f} tokens/s, {flops[precision] / seconds / 1e9:7.1f} GFLOP/s "
+            f"= {statistics.median(fractions):6.1%} of the {precision} matmul peak ({peaks[precision]:.0f} GFLOP/s); "
+            f"{seconds:.2f} s wall, {cpu_s:.2f} s CPU per {args.steps} steps",
             flush=True,
         )
     result["bf16_speedup_over_fp32"] = round(float(result["bf16_tokens_per_s"]) / float(result["fp32_tokens_per_s"]), 2)

@@ -103,3 +103,26 @@ def test_a_bf16_base_gives_the_same_loss_and_gradients_as_autocast_over_fp32(tin
         out.loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)  # the same bf16 matmuls, bit for bit
+
+
+def test_device_model_holds_the_base_in_bf16_only_for_bf16_and_trains_fp32_adapters() -> None:
+    from edgetune.adapters.lora import device_model
+    from edgetune.chat import iterate_batches
+    from edgetune.client.train import train_local
+    from edgetune.config import DataConfig, LoraConfig
+    from edgetune.datasets.devices import tokenized_device
+    from edgetune.lm import pad_id
+
+    lora = LoraConfig(rank=4)
+    held, tokenizer = device_model("tiny", lora, "none", "bf16")
+    plain, _ = device_model("tiny", lora, "none", "fp32")
+    assert held is not plain and device_model("tiny", lora, "none", "bf16")[0] is held  # cached per precision
+    dtypes = {n: p.dtype for n, p in held.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(p.dtype == torch.float32 for p in plain.parameters())
+    data = tokenized_device(DataConfig(max_length=128), "", 0, 4, 0, tokenizer)
+    batches = iterate_batches(data.train, 2, 2, 0, pad_id(tokenizer))
+    stats = train_local(held, batches, TrainConfig(local_steps=2, batch_size=2, precision="bf16"))
+    assert stats.tokens > 0 and torch.isfinite(torch.tensor(stats.loss))
+    assert all(p.dtype == torch.float32 for n, p in held.named_parameters() if p.requires_grad)
