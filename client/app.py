@@ -23,7 +23,7 @@ from edgetune.adapters.codec import Payload
 from edgetune.adapters.lora import device_model
 from edgetune.client import secagg
 from edgetune.client.device import Downlink, eval_round, sync_global, train_delta, train_round
-from edgetune.client.ort_engine import select_engine
+from edgetune.client.ort_engine import ORT, select_engine
 from edgetune.client.retrieval import rag_tokenized_device
 from edgetune.client.storage import DeviceStorage
 from edgetune.client.supernode import run_state_dir
@@ -83,6 +83,8 @@ def _open_round(msg: Message, context: Context) -> _Round:
     # A real device serves run after run: each run's adapter state in a folder of its own.
     storage = DeviceStorage(run_state_dir(device_dir, cfg) if storage_dir else device_dir)
     precision = resolve_run(cfg).train.precision  # train.precision=auto: bf16 or fp32, for this device's CPU
+    if select_engine(cfg, node) == ORT:  # ONNX Runtime exports the model's weights: they stay fp32
+        precision = "fp32"
     model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize, precision)
     data_path, index = str(node.get(wire.DATA_PATH, "")), int(node.get(wire.PARTITION_ID, 0))
     canaries = canary_file_for(cfg, str(config[wire.DEVICE_ROOT]))  # audit runs plant canaries

@@ -53,14 +53,14 @@ def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def _config(run_dir: Path, **federation: object) -> RunConfig:
+def _config(run_dir: Path, precision: str = "fp32", **federation: object) -> RunConfig:
     return RunConfig(
         seed=3,
         run_dir=str(run_dir),
         model=ModelConfig(base="tiny"),
         lora=LoraConfig(rank=4),
         data=DataConfig(max_length=128, max_eval_examples=2),
-        train=TrainConfig(local_steps=1, batch_size=2, precision="fp32"),
+        train=TrainConfig(local_steps=1, batch_size=2, precision=precision),  # type: ignore[arg-type]
         federation=FederationConfig(**{"num_devices": NUM_DEVICES, **federation}),  # type: ignore[arg-type]
     )
 
@@ -97,13 +97,15 @@ def test_eval_cadence_sample_phase_times_and_retention(tmp_path: Path, server_id
 
 
 def test_resume_may_change_the_budget_keys(tmp_path: Path, server_identity: None) -> None:
-    run_federation(InProcessGrid(NUM_DEVICES), _config(tmp_path, rounds=1))  # type: ignore[arg-type]
-    more = _config(tmp_path, rounds=2, eval_every=3, eval_devices=1, keep_checkpoints=1, checkpoint_every=5)
+    # bf16: devices train and evaluate on the base held in bf16 (edgetune/precision.py).
+    run_federation(InProcessGrid(NUM_DEVICES), _config(tmp_path, "bf16", rounds=1))  # type: ignore[arg-type]
+    more = _config(tmp_path, "bf16", rounds=2, eval_every=3, eval_devices=1, keep_checkpoints=1, checkpoint_every=5)
     grid = InProcessGrid(NUM_DEVICES)
     run_federation(grid, more)  # type: ignore[arg-type]
     assert [m["round"] for m in read_metrics(tmp_path)] == [0, 1, 2]
     assert len(grid.sent["evaluate"]) == 2  # the resume re-evaluation and the last round, one device each
     assert [p.name for p in (tmp_path / wire.CHECKPOINT_DIR).iterdir()] == ["round_0002.safetensors"]
+    assert all(m["eval_loss"] is None or m["eval_loss"] < 10 for m in read_metrics(tmp_path))
 
 
 @pytest.mark.parametrize(
