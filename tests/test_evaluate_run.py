@@ -168,3 +168,16 @@ def test_eval_of_a_two_round_tiny_run_writes_table_json_and_plot(tmp_path: Path)
     # the base variant's held-out loss is the run's round-0 loss (same examples, same loop)
     first = json.loads((run / wire.METRICS_FILE).read_text().splitlines()[0])
     assert results["scores"]["base"]["overall"]["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-4)
+    # --data: the same evaluation on a user's own JSONL devices (one file per device)
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        lines = [json.dumps({"prompt": f"{name} question {i}?", "response": f"answer {i}"}) for i in range(5)]
+        (own / name).write_text("\n".join(lines) + "\n")
+    out = tmp_path / "own-eval"
+    args = ["--data", str(own), "--max-new-tokens", "2", "--bootstrap", "20", "--out", str(out)]
+    assert main(["eval", str(run), *args]) == 0
+    mine = json.loads((out / wire.EVAL_JSON).read_text())
+    assert mine["devices"] == ["a.jsonl", "b.jsonl"] and mine["data"] == str(own)
+    assert mine["scores"]["global"]["overall"]["questions"] == 2  # 20% of 5 held out per device
+    assert main(["eval", str(run), "--data", str(tmp_path / "nothing.jsonl")]) == 2
