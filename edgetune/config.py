@@ -441,12 +441,16 @@ class SecAggConfig:
     range: float = 0.0
     """c: per-coordinate clipping range of the b-bit grid, shared by the round; 0 means
     train.learning-rate * train.local-steps (an Adam step moves a weight by about lr)."""
+    dropout: float = 0.0
+    """Simulation only: the chance that a device drops out before each of the share, mask and
+    unmask stages (drawn from run seed, round, stage and device id), to exercise recovery."""
 
     def __post_init__(self) -> None:
         _check(self.threshold == 0 or self.threshold >= 2, "secagg.threshold", self.threshold, ">= 2 (0: auto)")
         _check(self.neighbours >= 0, "secagg.neighbours", self.neighbours, "must be >= 0 (0: all)")
         _check(1 <= self.bits <= 24, "secagg.bits", self.bits, "in [1, 24]")
         _check(self.range >= 0, "secagg.range", self.range, "must be >= 0 (0: auto)")
+        _check(0 <= self.dropout < 1, "secagg.dropout", self.dropout, "in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from edgetune.server.accounting import RoundEvent
 from edgetune.server.checkpoint import save_update
 from edgetune.server.dp import mean_denominator
 from edgetune.server.metrics import RoundMetrics, add_phase, timed_phase
-from edgetune.server.rounds import exchange
+from edgetune.server.rounds import exchange, uniform
 from edgetune.server.uplinks import record_uplink
 from edgetune.server.validate import validate_metrics
 
@@ -82,6 +82,13 @@ class _Round:
     def send(self, stage: str, messages: dict[int, Message], down_bytes: int = 0) -> dict[int, Message]:
         """Send one stage; the answers that are not errors, by node (the rest dropped out)."""
         start = time.perf_counter()
+        sent = len(messages)
+        p = self.fed.cfg.secagg.dropout
+        if self.fed.simulated and p > 0 and stage != "keys":  # seeded: the same devices on every rerun
+            device = self.fed.fed.node_devices
+            seed = self.fed.cfg.seed
+            gone = {n for n in messages if uniform("secagg", seed, self.round, stage, device.get(n, n)) < p}
+            messages = {n: msg for n, msg in messages.items() if n not in gone}
         down = down_bytes + sum(_content_bytes(m.content) for m in messages.values())
         timeout = None if self.fed.simulated else self.fed.cfg.federation.reply_timeout
         replies = exchange(self.fed.grid, list(messages.values()), timeout, f"round {self.round} secagg {stage}")
@@ -96,7 +103,7 @@ class _Round:
         self.report["stage_bytes_down"][stage] = down
         self.report["stage_bytes_up"][stage] = sum(_content_bytes(r.content) for r in answered.values())
         self.report["stage_seconds"][stage] = time.perf_counter() - start
-        self.report["dropouts"][stage] = len(messages) - len(answered)
+        self.report["dropouts"][stage] = sent - len(answered)
         return answered
 
     def message(self, node: int, kind: str, record: dict[str, Any]) -> Message:
