@@ -125,7 +125,13 @@ def _phases(start: tuple[float, float], synced: tuple[float, float]) -> dict[str
     }
 
 
-def _reply(msg: Message, r: _Round, metrics: dict[str, float | int], delta: Payload | None = None) -> Message:
+def _reply(
+    msg: Message,
+    r: _Round,
+    metrics: dict[str, float | int],
+    delta: Payload | None = None,
+    extra: dict[str, ArrayRecord] | None = None,
+) -> Message:
     content = RecordDict(
         {
             wire.METRICS: MetricRecord({wire.ROUND: r.round, wire.HELD_VERSION: r.version, **metrics}),
@@ -134,6 +140,8 @@ def _reply(msg: Message, r: _Round, metrics: dict[str, float | int], delta: Payl
     )
     if delta is not None:
         content[wire.DELTA] = ArrayRecord({k: Array(v) for k, v in delta.items()})
+    for name, record in (extra or {}).items():
+        content[name] = record
     if r.key is not None:  # signed over everything above, exact payload bytes included
         digest = content_digest(msg.metadata.message_type, r.run, r.device_id, content)
         content[wire.DEVICE][wire.SIGNATURE] = sign(r.key, digest)
@@ -181,15 +189,15 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     synced = _clock()
     engine = select_engine(r.cfg, context.node_config)
     delta, stats, n = train_delta(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round, engine)
-    keys = secagg.start(context, msg, r.cfg, r.storage, delta, r.round)
+    record, public = secagg.start(context, msg, r.cfg, r.storage, delta, r.round)
     metrics = {
         wire.NUM_EXAMPLES: n,
         wire.TRAIN_LOSS: stats.loss,
         wire.NUM_TOKENS: stats.seen_tokens,
         **_phases(start, synced),
     }
-    reply = _reply(msg, r, metrics)
-    reply.content[wire.SECAGG] = keys
+    reply = _reply(msg, r, metrics, extra={wire.SECAGG_PUBLIC: public})  # the keys are signed with the rest
+    reply.content[wire.SECAGG] = record
     return reply
 
 

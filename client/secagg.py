@@ -2,7 +2,7 @@
 
     start    (stage 1, after local training) encode delta + residual as an integer vector
              in Z_(2^k) (``adapters/secagg_spec.py``), keep the new residual, draw the round's
-             keys; reply with the two public keys
+             keys; reply with the two public keys, signed with the device's key like any reply
     share    encrypted Shamir shares for every neighbour, and the seed commitment
     mask     decrypt what the neighbours sent, reply with the masked input (k bits/parameter)
     unmask   the shares the server needs to remove the masks, then forget the round
@@ -52,8 +52,12 @@ def _save(context: Context, session: DeviceSession, state: ConfigRecord) -> None
 
 def start(
     context: Context, msg: Message, cfg: RunConfig, storage: DeviceStorage, delta: StateDict, round_: int
-) -> ConfigRecord:
-    """Stage 1: integer input and residual from ``delta``, fresh keys; returns the reply record."""
+) -> tuple[ConfigRecord, ArrayRecord]:
+    """Stage 1: integer input and residual from ``delta``, fresh keys.
+
+    Returns the reply's ``secagg`` record and its public keys as an array record, which the
+    device's reply signature covers (so the advertisement is bound to the device's key).
+    """
     cohort = int(msg.content.config_records[wire.SECAGG][wire.SA_COHORT])  # type: ignore[arg-type]
     spec = round_spec(cfg, {k: tuple(v.shape) for k, v in delta.items()}, cohort)
     before = storage.residual_before(round_)
@@ -67,7 +71,9 @@ def start(
     state = ConfigRecord({wire.SA_SESSION: b"", "k": spec.k, "degree": cfg.secagg.neighbours})
     _save(context, session, state)
     c_pk, s_pk = session.advertise()
-    return ConfigRecord({wire.ROUND: round_, wire.SA_C_PK: c_pk, wire.SA_S_PK: s_pk})
+    keys = {wire.SA_C_PK: c_pk, wire.SA_S_PK: s_pk}
+    public = ArrayRecord({k: Array(np.frombuffer(v, dtype=np.uint8).copy()) for k, v in keys.items()})
+    return ConfigRecord({wire.ROUND: round_}), public
 
 
 def share(msg: Message, context: Context) -> ConfigRecord:

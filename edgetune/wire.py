@@ -46,6 +46,7 @@ VALUES = "values"
 # Secure aggregation (server/secagg.py, client/secagg.py): four message types, one record.
 SECAGG = "secagg"  # ConfigRecord in every stage's message and reply
 SECAGG_MASKED = "secagg-masked"  # ArrayRecord: the masked input, k bits per parameter, packed
+SECAGG_PUBLIC = "secagg-public"  # ArrayRecord (keys stage): the two public keys, signed with the reply
 SECAGG_KEYS = "train.secagg_keys"  # 1: downlink + train; reply: metrics and two public keys
 SECAGG_SHARE = "train.secagg_share"  # 2: roster; reply: encrypted shares per neighbour, commitment
 SECAGG_MASK = "train.secagg_mask"  # 3: shares for this device; reply: the masked input

@@ -38,7 +38,7 @@ from edgetune.server.dp import mean_denominator
 from edgetune.server.metrics import RoundMetrics, add_phase, timed_phase
 from edgetune.server.rounds import exchange, uniform
 from edgetune.server.uplinks import record_uplink
-from edgetune.server.validate import validate_metrics
+from edgetune.server.validate import EvalReply, Rejection, validate_metrics
 
 if TYPE_CHECKING:
     from edgetune.server.federation import Federation
@@ -126,11 +126,15 @@ def _keys_stage(r: _Round, chosen: list[int], m: RoundMetrics) -> dict[int, tupl
     max_examples = cfg.train.local_steps * cfg.train.batch_size
     for node, reply in r.send("keys", messages, down).items():
         try:
-            device, metrics = validate_metrics(
-                reply, r.round, (wire.NUM_EXAMPLES, wire.TRAIN_LOSS), fed.fed.state.version
-            )
-            record = reply.content.config_records[wire.SECAGG]
-            keys = (bytes(record[wire.SA_C_PK]), bytes(record[wire.SA_S_PK]))  # type: ignore[arg-type]
+            # Signed like a train reply (metrics and public keys), and the device id bound to its node.
+            version = fed.fed.state.version
+            needed = (wire.NUM_EXAMPLES, wire.TRAIN_LOSS)
+            device, metrics = validate_metrics(reply, r.round, needed, version, fed.verifier, wire.SECAGG_KEYS)
+            bound = fed.ids.check(EvalReply(node, device, metrics))
+            if isinstance(bound, Rejection):
+                raise ValueError(bound.reason)
+            public = reply.content.array_records[wire.SECAGG_PUBLIC]
+            keys = (public[wire.SA_C_PK].numpy().tobytes(), public[wire.SA_S_PK].numpy().tobytes())
             if any(len(k) != 32 for k in keys) or not 1 <= int(metrics[wire.NUM_EXAMPLES]) <= max_examples:
                 raise ValueError("public keys must be 32 bytes and num-examples within the round's steps")
         except (ValueError, TypeError, KeyError) as err:

@@ -18,6 +18,7 @@ Allowed content (anything else is listed under ``offending``):
     ``secagg``  ConfigRecord, secure-aggregation replies (kind ``secagg-<stage>``): public keys,
                 AES-GCM ciphertexts, a seed commitment, Shamir shares (never a plain input)
     ``secagg-masked`` ArrayRecord, ``secagg-mask`` replies: the masked input, packed uint8
+    ``secagg-public`` ArrayRecord, ``secagg-keys`` replies: the two X25519 public keys
 Errors a device reports are text that left it, so they are flagged as well.
 """
 
@@ -50,11 +51,13 @@ _NUMERIC_DTYPES = re.compile(r"^(u?int(8|16|32|64)|float(16|32|64)|bfloat16|bool
 
 def _array_items(name: str, record: Any, kind: str) -> tuple[dict[str, Any], list[str]]:
     items, bad = [], []
-    if name == wire.SECAGG_MASKED and kind == "secagg-mask":  # the masked input: uniform in Z_(2^k)
+    protocol = {("secagg-mask", wire.SECAGG_MASKED), ("secagg-keys", wire.SECAGG_PUBLIC)}
+    if (kind, name) in protocol:  # the masked input (uniform in Z_(2^k)), or the two public keys
         for key, array in record.items():
             items.append({"name": key, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(array.data)})
-            if key != wire.SECAGG_MASKED or str(array.dtype) != "uint8":
-                bad.append(f"array {name}/{key!r} is not the packed masked input")
+            allowed = {wire.SECAGG_MASKED} if name == wire.SECAGG_MASKED else {wire.SA_C_PK, wire.SA_S_PK}
+            if key not in allowed or str(array.dtype) != "uint8":
+                bad.append(f"array {name}/{key!r} is not secure-aggregation protocol data")
         return {"record": name, "type": "array", "items": items}, bad
     if name != wire.DELTA or kind != "train":
         bad.append(f"array record {name!r} in a {kind} reply (only 'delta' in train replies)")

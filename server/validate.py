@@ -164,10 +164,16 @@ def _common(
 
 
 def validate_metrics(
-    msg: Message, round_: int, keys: tuple[str, ...], version: int | None
+    msg: Message,
+    round_: int,
+    keys: tuple[str, ...],
+    version: int | None,
+    verifier: Verifier | None = None,
+    kind: str = "train",
 ) -> tuple[str, dict[str, float]]:
-    """``(device id, metrics)`` of a reply whose metrics record holds ``keys`` (ValueError if not)."""
-    return _common(msg, round_, keys, version, None, "train")  # secure-aggregation stages are not signed yet
+    """``(device id, metrics)`` of a reply of message type ``kind`` whose metrics record holds
+    ``keys`` and, with a ``verifier``, whose signature covers them (ValueError if not)."""
+    return _common(msg, round_, keys, version, verifier, kind)
 
 
 def _arrays(msg: Message, shapes: dict[str, tuple[int, ...]], codec: str) -> Payload:

@@ -58,9 +58,22 @@ class StagedGrid:
         self.n, self.drop, self.crash = n, drop or {}, crash
         self.contexts = {100 + i: Context(1, 100 + i, {wire.PARTITION_ID: i}, RecordDict(), {}) for i in range(n)}
         self.inputs: dict[int, dict[int, np.ndarray]] = {}  # round -> node -> integer input
+        self.outbox: dict[str, Message] = {}
+        self.tamper_keys = False  # flip a bit of every advertised public key after signing
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        """The simulation engine's path (``server/rounds.py``): push, then pull the replies."""
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.outbox) + i}"
+        ids = [m.metadata.message_id for m in messages]
+        self.outbox.update(zip(ids, self.send_and_receive(messages), strict=True))
+        return ids
+
+    def pull_messages(self, message_ids: set[str]) -> list[Message]:
+        return [self.outbox.pop(i) for i in sorted(message_ids) if i in self.outbox]
 
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
         kind = messages[0].metadata.message_type if messages else ""
@@ -73,6 +86,9 @@ class StagedGrid:
             if node - 100 in self.drop.get(kind, set()):
                 continue
             replies.append(HANDLERS[kind](msg, self.contexts[node]))
+            if kind == wire.SECAGG_KEYS and self.tamper_keys:
+                array = replies[-1].content.array_records[wire.SECAGG_PUBLIC][wire.SA_C_PK]
+                array.data = array.data[:-1] + bytes([array.data[-1] ^ 1])
             if kind == wire.SECAGG_KEYS:
                 x = self.contexts[node].state.array_records[wire.SA_INPUT][wire.SA_INPUT].numpy()
                 self.inputs.setdefault(int(msg.metadata.group_id), {})[node] = x.copy()
@@ -146,7 +162,10 @@ def test_round_mean_is_the_exact_decoded_sum(tmp_path, server_identity, applied,
     assert sum(sa["dropouts"].values()) == (1 if drop else 0)
     assert set(sa["stage_seconds"]) == {"keys", "share", "mask", "unmask"}
     assert row["wall_seconds"]["train"] > 0 and "aggregate" in row["wall_seconds"]
-    assert sa["bits_up_per_param"] < 1 + 3 + 2  # k bits of masked input plus keys and shares
+    d = sum(math.prod(v) for v in _sent_shapes(cfg).values())
+    packed = math.ceil(d * sa["k"] / 8)  # k bits per parameter, plus the .npy header of each array
+    assert 0 <= sa["stage_bytes_up"]["mask"] - sa["survivors"] * packed <= sa["survivors"] * 128
+    assert sa["k"] < sa["bits_up_per_param"] < sa["k"] + 4  # plus keys, signatures, shares (tiny d: 4096)
     assert "sa bits/p" in summary_table(read_metrics(Path(cfg.run_dir))).splitlines()[0]
 
 
@@ -256,3 +275,34 @@ def test_audit_record_shows_only_protocol_traffic(tmp_path, server_identity) -> 
     ]
     masked = [u for u in lines if u["kind"] == "secagg-mask"]
     assert all(r["items"][0]["dtype"] == "uint8" for u in masked for r in u["records"] if r["type"] == "array")
+
+
+def test_seeded_dropouts_in_simulation_and_signed_key_advertisements(tmp_path, server_identity, applied) -> None:
+    from edgetune.server.rounds import uniform
+
+    cfg = _config(tmp_path / "run", rounds=2, n=6, threshold=3, dropout=0.1)
+    grid = StagedGrid(6)
+    run_federation(grid, cfg, simulated=True)  # type: ignore[arg-type]
+    rows = read_metrics(Path(cfg.run_dir))
+    for t in (1, 2):
+        gone = {
+            stage: {i for i in range(6) if uniform("secagg", cfg.seed, t, stage, f"sim-{i}") < 0.1}
+            for stage in ("share", "mask", "unmask")
+        }
+        out_before_mask = gone["share"] | gone["mask"]
+        counted = [i for i in range(6) if i not in out_before_mask]
+        sa = rows[t]["secagg"]
+        assert sa["survivors"] == len(counted) and sa["skipped"] is None
+        assert sa["dropouts"]["share"] == len(gone["share"])
+        expected = _expected_mean(cfg, grid, t, counted)
+        assert all(torch.equal(applied[t - 1][k], expected[k]) for k in expected)
+    # Seed 7 drops a device at each stage of round 1 (before share, before mask, before unmask).
+    assert [rows[1]["secagg"]["dropouts"][s] for s in ("keys", "share", "mask", "unmask")] == [0, 1, 1, 1]
+
+    # A key advertisement altered after the device signed it is refused: no device takes part.
+    cfg = _config(tmp_path / "tampered", n=3)
+    grid = StagedGrid(3)
+    grid.tamper_keys = True
+    with pytest.raises(Exception, match="no device trained"):
+        run_federation(grid, cfg, simulated=True)  # type: ignore[arg-type]
+    assert any("bad signature" in r for r in read_metrics(Path(cfg.run_dir))[1]["rejected"])
