@@ -48,7 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"edgetune: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
