@@ -5,6 +5,13 @@ run config is passed in directly (it does not read ``[tool.flwr.app.config]``), 
 ServerApp makes this raise (and the CLI exit non-zero) instead of returning quietly, and
 Ray is shut down afterwards. Virtual devices run one at a time in one Ray actor that owns
 all cores, so every device it serves shares one loaded base model.
+
+With ``ray_address`` (``edgetune simulate --ray-address HOST:PORT``) the simulation attaches
+to a running Ray cluster instead of starting Ray: one actor per node (each owns as many cores
+as the smallest node has), each a worker process with its own base model, so virtual devices
+spread over the nodes and run in parallel. The run folder (and with it every virtual
+device's storage) must be on a file system every node sees. Leaving disconnects; the
+cluster keeps running.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ def run_apps(
     num_devices: int,
     verbose: bool = False,
     stop: threading.Event | None = None,
+    ray_address: str | None = None,
 ) -> None:
     """``run_simulation`` with edgetune's backend: one Ray actor owning all cores; Ray always shut down.
 
@@ -90,18 +98,22 @@ def run_apps(
     # Ray's notice about a future default; keep today's behaviour and its console quiet.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cpus = os.cpu_count() or 1
-    backend = {
+    backend: dict[str, dict[str, object]] = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR},
     }
+    if ray_address:  # an existing cluster: its nodes' cores are what they are
+        backend["init_args"] = {"address": ray_address, "logging_level": logging.ERROR}
     notice = _DropDeprecationNotice()
     logging.getLogger("flwr").addFilter(notice)
     try:
-        if stop is not None and not ray.is_initialized():
+        if (stop is not None or ray_address) and not ray.is_initialized():
             # What Flower's Ray backend does when Ray is not up yet (it then leaves Ray alone).
             pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
             os.environ["PYTHONPATH"] = pythonpath
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **backend["init_args"])  # type: ignore[arg-type]
+        if ray_address:
+            backend["client_resources"]["num_cpus"] = cluster_worker_cpus()
         with stop_on_signals(stop) if stop is not None else contextlib.nullcontext():
             run_simulation(
                 server_app=server_app,
@@ -116,12 +128,25 @@ def run_apps(
             ray.shutdown()
 
 
-def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
+def cluster_worker_cpus() -> int:
+    """CPUs per virtual-device worker on the connected cluster: the smallest alive node's, so
+    that every node fits one worker (and one base model) and none is left idle."""
+    import ray
+
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    usable = [c for c in cpus if c > 0]
+    if not usable:
+        raise SimulationError("the Ray cluster has no node with CPUs to run virtual devices")
+    return min(usable)
+
+
+def simulate(cfg: RunConfig, verbose: bool = False, ray_address: str | None = None) -> Path:
     """Run (or resume) ``cfg`` in simulation; returns the run folder.
 
     Raises:
         SimulationError: the ServerApp failed or never reported completion.
         SimulationInterrupted: a signal stopped the run (``--resume`` continues it).
+        ConnectionError: ``ray_address`` names no reachable Ray cluster.
         QuantizeError: ``model.quantize`` cannot train on this machine (before anything starts).
     """
     from edgetune.client.app import app as client_app
@@ -133,7 +158,7 @@ def simulate(cfg: RunConfig, verbose: bool = False) -> Path:
     error: BaseException | None = None
     stop = threading.Event()
     try:
-        run_apps(server_app_for(cfg, stop), client_app, cfg.federation.num_devices, verbose, stop)
+        run_apps(server_app_for(cfg, stop), client_app, cfg.federation.num_devices, verbose, stop, ray_address)
     except BaseException as err:  # noqa: BLE001 - reported below with the run's own status
         error = err
     status_path = run_dir / wire.STATUS_FILE

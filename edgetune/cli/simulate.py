@@ -4,6 +4,7 @@ edgetune simulate                       federated simulation on the defaults
 edgetune simulate --rounds 5 --devices 12 --codec fp32 --run-dir runs/fp32
 edgetune simulate --resume runs/default  continue a killed run from its last round
 edgetune simulate --set train.learning-rate=1e-3 --set lora.rank=4
+edgetune simulate --ray-address 10.0.0.1:6379  attach to a running Ray cluster
 edgetune simulate --set eval.enabled=true --set eval.baselines=true   then evaluate (as edgetune eval)
 """
 
@@ -59,6 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="any config key, e.g. lora.rank=4 (repeatable; keys: " + ", ".join(sorted(defaults)) + ")",
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="attach to a running Ray cluster (started with `ray start`) instead of starting Ray here: virtual "
+        "devices spread over its nodes, one worker and base model per node; the run folder must be on a file "
+        "system every node sees",
+    )
     sim.set_defaults(handler=_cmd_simulate)
 
 
@@ -115,7 +123,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(f"edgetune: {problem}", file=sys.stderr)
         return 2
     try:
-        simulate(cfg, verbose=args.verbose)
+        simulate(cfg, verbose=args.verbose, ray_address=args.ray_address)
     except SimulationInterrupted as err:
         print(f"edgetune: {err}", file=sys.stderr)
         return 130  # the shell's code for "stopped by a signal"
