@@ -1,0 +1,189 @@
+"""edgetune against a plain Hugging Face ``Trainer`` + PEFT client, FlowerTune-style.
+
+    python -m edgetune.simulations.bench_trainer                    # SmolLM2, 4 devices, 2 rounds
+    python -m edgetune.simulations.bench_trainer --base tiny --devices 2 --rounds 1 --steps 2
+
+Both federations use the same devices (chatterbot English (language, topic) slices), the same
+base model, LoRA rank/alpha/targets, local steps, batch size, learning rate and precision
+(``train.precision=auto`` for this CPU):
+
+    trainer   what FlowerTune's template does: each round every device loads the global
+              adapter (both LoRA factors, fp32) into a PEFT model, builds a ``Trainer`` and
+              trains ``--steps`` steps (AdamW, constant learning rate), then sends both factors
+              back in fp32; the server averages A and B factor-wise (weighted by examples).
+              Run in this process, one device after another.
+    edgetune  ``edgetune simulate`` on the defaults (B only, 1-bit both ways, error feedback,
+              the bf16-held base, fused AdamW), in Flower's simulation engine.
+
+Reported: client updates per hour from CPU seconds per update (the device's sync + train, so
+a busy machine does not flatter either side), bytes per round each way (training messages;
+edgetune's downlink also counts its evaluation messages), and the held-out loss after the last
+round (both through ``edgetune.lm.evaluate`` on each device's held-out split, token-weighted).
+Ends with one JSON line (also in ``<out>/result.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from edgetune.adapters.delta import weighted_mean
+from edgetune.adapters.lora import attach_lora, get_adapter, init_adapter, model_adapter_shapes, set_adapter
+from edgetune.chat import collate
+from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from edgetune.datasets.devices import TokenizedDevice, tokenized_device
+from edgetune.lm import evaluate, pad_id
+from edgetune.models import load_base
+from edgetune.precision import resolved_for_this_cpu
+from edgetune.server.metrics import read_metrics
+
+__all__ = ["run_edgetune", "run_trainer"]
+
+
+def _heldout_loss(
+    model: torch.nn.Module, devices: list[TokenizedDevice], pad: int, batch: int, precision: str
+) -> float:
+    stats = [evaluate(model, d.heldout, pad, batch, prec) for d in devices]  # type: ignore[arg-type]
+    return sum(s.loss * s.tokens for s in stats) / sum(s.tokens for s in stats)
+
+
+def _trainer_update(model: torch.nn.Module, device: TokenizedDevice, cfg: RunConfig, pad: int, out: str) -> None:
+    """FlowerTune's client step: a fresh ``Trainer`` over the device's examples, ``steps`` steps."""
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=out,
+        max_steps=t.local_steps,
+        per_device_train_batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        bf16=t.precision == "bf16",
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=device.train, data_collator=lambda f: collate(f, pad))
+    trainer.train()
+
+
+def run_trainer(cfg: RunConfig) -> dict[str, float]:
+    """The Trainer + PEFT federation (both factors, fp32 both ways, factor-wise FedAvg)."""
+    both = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets, train_a=True)
+    base, tokenizer = load_base(cfg.model.base)
+    model = attach_lora(base, both)
+    pad = pad_id(tokenizer)
+    f = cfg.federation
+    devices = [tokenized_device(cfg.data, "", i, f.num_devices, cfg.seed, tokenizer) for i in range(f.num_devices)]
+    global_state = init_adapter(model_adapter_shapes(model), cfg.seed)
+    set_adapter(model, global_state)
+    batch = cfg.train.batch_size
+    loss_before = _heldout_loss(model, devices, pad, batch, cfg.train.precision)
+    fp32_bytes = sum(v.numel() * 4 for v in global_state.values())
+    cpu_per_update: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="edgetune-trainer-") as out:
+        for _ in range(f.rounds):
+            states, weights = [], []
+            for device in devices:
+                cpu = time.process_time()
+                set_adapter(model, global_state)  # the downlink: both factors, fp32
+                _trainer_update(model, device, cfg, pad, out)
+                states.append({k: v.detach().clone() for k, v in get_adapter(model).items()})
+                cpu_per_update.append(time.process_time() - cpu)
+                weights.append(float(min(len(device.train), cfg.train.local_steps * cfg.train.batch_size)))
+            global_state = weighted_mean(states, weights)  # factor-wise: mean(B), mean(A)
+    set_adapter(model, global_state)
+    model.eval()
+    return {
+        "cpu_seconds_per_update": statistics.median(cpu_per_update),
+        "bytes_up_per_round": fp32_bytes * f.num_devices,
+        "bytes_down_per_round": fp32_bytes * f.num_devices,
+        "heldout_loss_before": loss_before,
+        "heldout_loss": _heldout_loss(model, devices, pad, batch, cfg.train.precision),
+    }
+
+
+def run_edgetune(cfg: RunConfig) -> dict[str, float]:
+    """``edgetune simulate`` with ``cfg``; the same figures from its metrics."""
+    from edgetune.simulations.simulate import simulate
+
+    rows = read_metrics(simulate(cfg))
+    trained = rows[1:]
+    per_update = [
+        (r["cpu_seconds"].get("sync", 0.0) + r["cpu_seconds"].get("train", 0.0)) / r["replies"]
+        for r in trained
+        if r["replies"]
+    ]
+    return {
+        "cpu_seconds_per_update": statistics.median(per_update),
+        "bytes_up_per_round": statistics.mean(r["bytes_up"] for r in trained),
+        "bytes_down_per_round": statistics.mean(r["bytes_down"] for r in trained),
+        "heldout_loss_before": rows[0]["eval_loss"],
+        "heldout_loss": rows[-1]["eval_loss"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
+    parser.add_argument("--devices", type=int, default=4, help="devices, all trained every round (default: 4)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds (default: 2)")
+    parser.add_argument("--steps", type=int, default=TrainConfig().local_steps, help="local steps per round")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="conversations per step")
+    parser.add_argument("--out", default="bench-out/trainer", help="output folder for result.json and the run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    precision = resolved_for_this_cpu("auto").precision
+    cfg = RunConfig(
+        run_dir=str(out / "edgetune-run"),
+        model=ModelConfig(base=args.base),
+        data=DataConfig(max_length=128) if args.base == "tiny" else DataConfig(),
+        train=TrainConfig(local_steps=args.steps, batch_size=args.batch_size, precision=precision),
+        federation=FederationConfig(rounds=args.rounds, num_devices=args.devices),
+    )
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    results = {"edgetune": run_edgetune(cfg), "trainer": run_trainer(cfg)}
+    print(f"{'':>9} {'updates/h (CPU)':>15} {'up B/round':>11} {'down B/round':>12} {'held-out loss':>20}")
+    for name, r in results.items():
+        r["updates_per_cpu_hour"] = 3600 / r["cpu_seconds_per_update"]
+        print(
+            f"{name:>9} {r['updates_per_cpu_hour']:>15.0f} {r['bytes_up_per_round']:>11,.0f} "
+            f"{r['bytes_down_per_round']:>12,.0f} {r['heldout_loss_before']:>9.4f} -> {r['heldout_loss']:.4f}"
+        )
+    e, t = results["edgetune"], results["trainer"]
+    ratios = {
+        "updates_per_hour": round(e["updates_per_cpu_hour"] / t["updates_per_cpu_hour"], 2),
+        "fewer_bytes_up": round(t["bytes_up_per_round"] / e["bytes_up_per_round"], 1),
+        "fewer_bytes_down": round(t["bytes_down_per_round"] / e["bytes_down_per_round"], 1),
+    }
+    print(f"edgetune / trainer: {ratios}")
+    result = {
+        "benchmark": "trainer",
+        "base": args.base,
+        "devices": args.devices,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "precision": precision,
+        **results,
+        "edgetune_over_trainer": ratios,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
