@@ -51,7 +51,7 @@ __all__ = ["run_edgetune", "run_trainer"]
 def _heldout_loss(
     model: torch.nn.Module, devices: list[TokenizedDevice], pad: int, batch: int, precision: str
 ) -> float:
-    stats = [evaluate(model, d.heldout, pad, batch, prec) for d in devices]  # type: ignore[arg-type]
+    stats = [evaluate(model, d.heldout, pad, batch, precision) for d in devices]  # type: ignore[arg-type]
     return sum(s.loss * s.tokens for s in stats) / sum(s.tokens for s in stats)
 
 
