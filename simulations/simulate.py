@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from edgetune import wire
 from edgetune.config import RunConfig
+from edgetune.processes import forward_signals
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -57,17 +57,13 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
         yield
         return
 
-    def handler(signum: int, frame: object) -> None:
+    def on_signal(signum: int) -> None:
         if stop.is_set():
             raise KeyboardInterrupt  # the second signal: give up waiting
         stop.set()  # the run ends at the server's next poll; simulate() reports it in one line
 
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with forward_signals(on_signal):
         yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
 
 
 class _DropDeprecationNotice(logging.Filter):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -125,8 +126,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     try:
         simulate(cfg, verbose=args.verbose, ray_address=args.ray_address)
     except SimulationInterrupted as err:
-        print(f"edgetune: {err}", file=sys.stderr)
-        return 130  # the shell's code for "stopped by a signal"
+        print(f"edgetune: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Status and checkpoint are on disk and Ray is shut down; the interpreter's own
+        # finalisation (Ray's C++ core) takes 3-8 s on a loaded machine, which a user who
+        # pressed Ctrl-C should not wait for. 130: the shell's code for "stopped by a signal".
+        os._exit(130)
     except SimulationError as err:
         print(f"edgetune: {err}", file=sys.stderr)
         return 1
