@@ -123,3 +123,11 @@ def test_bad_base_or_device_count_exits_2_at_once(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_run_refuses_a_base_that_is_no_model_before_submitting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "EMPTY").mkdir()
+    assert main(["run", "--base", str(tmp_path / "EMPTY"), "--insecure-plaintext"]) == 2
+    assert "has no config.json" in capsys.readouterr().err

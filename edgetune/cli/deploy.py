@@ -329,11 +329,17 @@ def _round_line(row: dict) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from edgetune.models import ModelError, resolve_base
     from edgetune.server.checkpoint import footprint
     from edgetune.server.metrics import plot_run, read_metrics, summary_table, time_table
     from edgetune.server.submit import FollowOptions, submit_and_follow
 
     cfg = run_config(args)
+    try:  # the server would find out only after the run started
+        resolve_base(cfg.model.base)
+    except ModelError as err:
+        print(f"edgetune: --base {cfg.model.base}: {err}", file=sys.stderr)
+        return 2
     ca = None
     if not args.insecure_plaintext:
         ca = Path(args.ca).expanduser() if args.ca else (DEFAULT_STATE / wire.SERVER_TLS_DIR / "ca.pem").expanduser()
