@@ -126,3 +126,17 @@ def test_device_model_holds_the_base_in_bf16_only_for_bf16_and_trains_fp32_adapt
     stats = train_local(held, batches, TrainConfig(local_steps=2, batch_size=2, precision="bf16"))
     assert stats.tokens > 0 and torch.isfinite(torch.tensor(stats.loss))
     assert all(p.dtype == torch.float32 for n, p in held.named_parameters() if p.requires_grad)
+
+
+def test_the_measurement_picks_fp32_where_bf16_matmuls_are_emulated() -> None:
+    """A CPU without bf16 units, emulated: oneDNN capped below AVX512-BF16 (and AMX)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "from edgetune.precision import resolve_precision as r; print(r('auto', frozenset()).precision)"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split()[0] == "fp32", out.stdout
