@@ -136,7 +136,11 @@ def test_replies_hold_only_adapter_tensors_numeric_metrics_and_the_device_id(
             assert EMBED_DIM not in array.shape, (key, array.shape)
         assert all(isinstance(v, int | float) for v in content.metric_records[wire.METRICS].values())
         device = dict(content.config_records[wire.DEVICE])
-        assert list(device) == [wire.DEVICE_ID] and device[wire.DEVICE_ID] in {"sim-0", "sim-1"}
+        # the device id and the reply's signature (edgetune/signing.py), nothing else
+        assert sorted(device) == sorted([wire.DEVICE_ID, wire.SIGNATURE]) and device[wire.DEVICE_ID] in {
+            "sim-0",
+            "sim-1",
+        }
         raw = _reply_bytes(reply)
         for text in chunks + [q for q, _ in FACTS]:
             assert text.encode() not in raw
