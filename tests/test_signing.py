@@ -148,3 +148,62 @@ def test_simulation_keys_are_per_device_and_repeatable(device: str) -> None:
     assert a.private_bytes_raw() == b.private_bytes_raw()
     assert a.private_bytes_raw() != simulation_key(SEED, device + "x").private_bytes_raw()
     assert a.private_bytes_raw() != simulation_key(SEED + 1, device).private_bytes_raw()
+
+
+def test_real_device_signs_with_its_registered_key_and_the_server_checks_the_superlink_copy(tmp_path) -> None:
+    """The OpenSSH EC key of ``edgetune device key`` signs; the server verifies with the PEM the
+    SuperLink registered for the sending node (Flower's ``public_key_to_bytes``)."""
+    from types import SimpleNamespace
+
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    from edgetune.config import RunConfig
+    from edgetune.devicekeys import generate_device_key
+    from edgetune.server.identity import make_verifier
+    from edgetune.signing import load_signing_key
+
+    private, _ = generate_device_key(tmp_path, "phone")
+    other, _ = generate_device_key(tmp_path, "other")
+    key = load_signing_key(str(private))
+    registered = {
+        5: public_key_to_bytes(key.public_key()),
+        9: public_key_to_bytes(load_signing_key(str(other)).public_key()),
+    }
+
+    class Grid:
+        def get_nodes(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(node_id=n, public_key=pem) for n, pem in registered.items()]
+
+    config_json = '{"seed": 11}'
+    verifier = make_verifier(Grid(), RunConfig(), config_json, simulated=False)
+    assert verifier is not None
+    content = _content("train", "phone-1")
+    content[wire.DEVICE][wire.SIGNATURE] = sign(key, content_digest("train", run_tag(config_json), "phone-1", content))
+    ok = validate_train(
+        Message(content, reply_to=_instruction("train", 5)), ROUND, SHAPES, "1bit", 8, VERSION, 1.0, verifier
+    )
+    assert isinstance(ok, TrainReply)
+    # The same signed reply from node 9 (another registered key) does not verify.
+    moved = validate_train(
+        Message(content, reply_to=_instruction("train", 9)), ROUND, SHAPES, "1bit", 8, VERSION, 1.0, verifier
+    )
+    assert isinstance(moved, Rejection) and moved.reason.startswith("bad signature")
+    # A node the SuperLink never registered has no key to check against.
+    unknown = validate_train(
+        Message(content, reply_to=_instruction("train", 7)), ROUND, SHAPES, "1bit", 8, VERSION, 1.0, verifier
+    )
+    assert isinstance(unknown, Rejection) and "no key known" in unknown.reason
+
+
+def test_without_registered_keys_replies_are_not_checked(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from edgetune.config import RunConfig
+    from edgetune.server.identity import make_verifier
+
+    class Grid:
+        def get_nodes(self) -> list[SimpleNamespace]:
+            return [SimpleNamespace(node_id=5, public_key=b"")]
+
+    assert make_verifier(Grid(), RunConfig(), "{}", simulated=False) is None
+    assert "not signature-checked" in caplog.text
