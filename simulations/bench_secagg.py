@@ -30,6 +30,8 @@ from edgetune.server.accounting import epsilon, next_event
 from edgetune.server.metrics import read_metrics
 from edgetune.simulations.simulate import simulate
 
+_STAGES = ("keys", "share", "mask", "unmask")
+
 
 def _cpu() -> float:
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -64,8 +66,8 @@ def _run(base: RunConfig, name: str, overrides: dict[str, object], out: Path, pa
     sa = [m["secagg"] for m in trained if m.get("secagg")]
     up = sum(m["bytes_up"] for m in trained) * 8 / (params * max(sum(m["replies"] for m in trained), 1))
     down = sum(m["bytes_down"] for m in trained) * 8 / (params * max(sum(m["sampled"] for m in trained), 1))
-    stages = {s: sum(x["stage_seconds"].get(s, 0.0) for x in sa) / len(sa) for s in ("keys", "share", "mask", "unmask")}
-    return {
+    stages = {s: sum(x["stage_seconds"].get(s, 0.0) for x in sa) / max(len(sa), 1) for s in _STAGES}
+    result = {
         "eval_loss": [m["eval_loss"] for m in rows],
         "epsilon": rows[-1].get("dp_epsilon"),
         "bits_up_per_param": up,  # all uplink bytes of a train round (incl. eval-free protocol traffic)
@@ -76,6 +78,8 @@ def _run(base: RunConfig, name: str, overrides: dict[str, object], out: Path, pa
         "stage_seconds": stages if sa else None,
         "cpu_seconds": round(cpu, 1),
     }
+    print(f"== {name} done: {json.dumps(result)}", flush=True)  # survives a timeout of the later runs
+    return result
 
 
 def main() -> None:
