@@ -80,6 +80,7 @@ def load_signing_key(path: str) -> PrivateKey:
         ValueError: the file does not hold an Ed25519 or EC private key.
     """
     data = Path(path).read_bytes()
+    key: object
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, UnsupportedAlgorithm):
