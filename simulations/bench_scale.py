@@ -117,7 +117,8 @@ def _table(rows: list[dict[str, object]]) -> str:
     for r in rows:
         out.append(
             f"{r['devices']:>7} {r['server_rss_mb']:>13} {r['server_seconds_per_round']:>14} "
-            f"{r['server_cpu_seconds_per_round']:>18} {r['process_cpu_seconds_per_round']:>13} {r['round_wall_seconds']:>12} "
+            f"{r['server_cpu_seconds_per_round']:>18} {r['process_cpu_seconds_per_round']:>13} "
+            f"{r['round_wall_seconds']:>12} "
             f"{int(r['run_folder_bytes']) / 1e3:>13.1f} {r['device_folders']:>11} {r['devices_touched']:>7} "
             f"{int(r['device_storage_bytes']) / 1e3:>9.1f}"
         )
