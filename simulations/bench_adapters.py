@@ -1,8 +1,8 @@
 """Adapter kinds side by side: LoRA, DoRA, binary LoRA weights and a quantised base.
 
-    python -m simulations.bench_adapters                                  # all variants, SmolLM2
-    python -m simulations.bench_adapters --variants lora-r8,binary-r8     # some (others kept)
-    python -m simulations.bench_adapters --base tiny --devices 2 --rounds 1 --steps 1
+    python -m edgetune.simulations.bench_adapters                                  # all variants, SmolLM2
+    python -m edgetune.simulations.bench_adapters --variants lora-r8,binary-r8     # some (others kept)
+    python -m edgetune.simulations.bench_adapters --base tiny --devices 2 --rounds 1 --steps 1
 
 Every variant is one simulation with the same devices, seeds, rounds, local steps and codec;
 only ``lora.*`` / ``model.quantize`` differ:
