@@ -21,9 +21,10 @@ __all__ = ["adapter_optimizer", "train_local"]
 def adapter_optimizer(params: list[torch.Tensor], lr: float, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW over the adapter tensors (PyTorch's default on CPU: one tensor at a time).
 
-    ``fused=True`` (PyTorch's CPU fused AdamW) was measured slower here on SmolLM2's 210
-    small B-only tensors (bf16: 19.9 vs 18.2 CPU seconds per 8 steps; fp32: 36.1 vs 29.5;
-    ``bench_throughput``), so it is off; the benchmark keeps measuring it.
+    ``fused=True`` (PyTorch's CPU fused AdamW) showed no consistent gain on SmolLM2's 210
+    small B-only tensors (``bench_throughput``, three runs on a busy machine: 9-22% more CPU
+    seconds in one, 2-12% fewer in two; docs/performance.md), so it is off; the benchmark
+    keeps measuring it.
     """
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
 

@@ -11,8 +11,8 @@ throughput is tokens (prompt included, padding excluded) over wall time of ``--s
 steps, median over ``--repeats`` (CPU seconds beside). Each precision (bf16 autocast, fp32)
 is measured on the same batches, as a fraction of its own peak, as training runs it (bf16:
 frozen base held in bf16; AdamW's default per-tensor step) and with one change each (``bf16-fp32-base``:
-the base left fp32 under autocast; ``*-fused``: PyTorch's fused AdamW, measured slower here
-and so not used), the repeats interleaved across variants. The CPU's features and what
+the base left fp32 under autocast; ``*-fused``: PyTorch's fused AdamW, no consistent gain
+here and so not used), the repeats interleaved across variants. The CPU's features and what
 ``train.precision=auto`` picks on it are reported too. Ends with one JSON line.
 """
 
