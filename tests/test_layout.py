@@ -134,9 +134,7 @@ def test_no_import_circles() -> None:
 
 def _definitions(pattern: str) -> list[str]:
     hits = []
-    for path in ROOT.glob("**/*.py"):
-        if ".venv" in path.parts or "tests" in path.parts:
-            continue
+    for path in _module_files().values():  # the package's own sources (no build/ copies, no tests)
         hits += [f"{path.relative_to(ROOT)}:{m.group(0)}" for m in re.finditer(pattern, path.read_text(), re.M)]
     return hits
 
