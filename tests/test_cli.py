@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,11 @@ def test_run_refuses_a_base_that_is_no_model_before_submitting(
     (tmp_path / "EMPTY").mkdir()
     assert main(["run", "--base", str(tmp_path / "EMPTY"), "--insecure-plaintext"]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_importing_the_device_and_server_code_prints_nothing() -> None:
+    """A quiet console: optional dependencies' import-time warnings (torchao's CUDA kernels on a
+    CPU-only torch, torch's pytree deprecation note) stay out of every process, Ray actors too."""
+    code = "import edgetune.client.app, edgetune.server.app, torchao.quantization"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout == "" and done.stderr == ""
