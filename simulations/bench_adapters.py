@@ -26,7 +26,6 @@ writes ``result.json`` and ``adapters.png``, and ends with one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import resource
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 from edgetune.config import RunConfig, from_flat, to_flat
+from edgetune.simulations.bench_cli import federation_parser, federation_settings
 
 VARIANTS: dict[str, dict[str, object]] = {
     "lora-r8": {"lora.rank": 8},
@@ -181,15 +181,9 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
+    parser = federation_parser(__doc__, out="bench-out/adapters")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants to (re)run")
-    parser.add_argument("--devices", type=int, default=4, help="devices, all trained every round (default 4)")
-    parser.add_argument("--rounds", type=int, default=2, help="training rounds (default 2)")
-    parser.add_argument("--steps", type=int, default=4, help="local steps per round (default 4)")
     parser.add_argument("--eval-examples", type=int, default=16, help="held-out conversations per device (16)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed shared by all variants")
-    parser.add_argument("--out", default="bench-out/adapters", help="output folder")
     args = parser.parse_args()
 
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -199,11 +193,7 @@ def main() -> None:
     base = to_flat(
         from_flat(
             {
-                "model.base": args.base,
-                "seed": args.seed,
-                "federation.num-devices": args.devices,
-                "federation.rounds": args.rounds,
-                "train.local-steps": args.steps,
+                **federation_settings(args),
                 "data.max-eval-examples": args.eval_examples,
             }
         )

@@ -27,7 +27,6 @@ holds the planted secret. Ends with one JSON line, also in ``--out``/result.json
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -51,6 +50,7 @@ from edgetune.models import model_skeleton
 from edgetune.server.federation import run_federation
 from edgetune.server.metrics import read_metrics
 from edgetune.signing import content_digest, run_tag, sign, simulation_key
+from edgetune.simulations.bench_cli import federation_parser, federation_settings
 from edgetune.types import StateDict
 
 ATTACKS = ("sign-flip", "scale", "noise", "alie", "backdoor")
@@ -263,25 +263,22 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="tiny", help="base model (default: tiny; smollm2 for the table)")
-    parser.add_argument("--devices", type=int, default=10, help="devices, all trained every round (default: 10)")
-    parser.add_argument("--rounds", type=int, default=2, help="training rounds (default: 2)")
-    parser.add_argument("--steps", type=int, default=2, help="local steps per round (default: 2)")
-    parser.add_argument("--fractions", default="0,0.1,0.2,0.3", help="malicious shares (default: 0,0.1,0.2,0.3)")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma list of {', '.join(ATTACKS)}")
-    parser.add_argument("--aggregators", default=",".join(AGGREGATORS), help="comma list (default: all)")
-    parser.add_argument("--partition", default="iid", help="data.partition (default: iid)")
-    parser.add_argument("--out", default="bench-out/attacks", help="output folder")
+    parser = federation_parser(__doc__, out="bench-out/attacks", base="tiny", devices=10, steps=2)
+    parser.add_argument(
+        "--fractions", default="0,0.1,0.2,0.3", metavar="F,...", help="malicious shares (default: 0,0.1,0.2,0.3)"
+    )
+    parser.add_argument(
+        "--attacks", default=",".join(ATTACKS), metavar="NAME,...", help=f"comma list of {', '.join(ATTACKS)}"
+    )
+    parser.add_argument(
+        "--aggregators", default=",".join(AGGREGATORS), metavar="NAME,...", help="comma list (default: all)"
+    )
+    parser.add_argument("--partition", default="iid", metavar="KIND", help="data.partition (default: iid)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {
-        "seed": 0,
-        "model.base": args.base,
-        "federation.num-devices": args.devices,
-        "federation.rounds": args.rounds,
-        "train.local-steps": args.steps,
+        **federation_settings(args),
         "data.partition": args.partition,
         "data.max-eval-examples": 8,
         "data.max-length": 128,

@@ -14,13 +14,13 @@ the noise std on the mean. Ends with one JSON line, also written to ``--out``/re
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 from edgetune.config import RunConfig, from_flat, to_flat
 from edgetune.server.metrics import read_metrics
+from edgetune.simulations.bench_cli import federation_parser, federation_settings
 from edgetune.simulations.simulate import simulate
 
 
@@ -52,25 +52,15 @@ def _run(base: RunConfig, name: str, overrides: dict[str, object], out: Path) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
-    parser.add_argument("--devices", type=int, default=8, help="devices, all trained every round (default: 8)")
-    parser.add_argument("--rounds", type=int, default=2, help="training rounds (default: 2)")
-    parser.add_argument("--steps", type=int, default=4, help="local steps per round (default: 4)")
+    parser = federation_parser(__doc__, out="bench-out/dp", devices=8)
     parser.add_argument("--clip-norm", type=float, default=0.1, help="C for both DP runs (default: 0.1)")
     parser.add_argument("--noise-multiplier", type=float, default=0.5, help="z of the dp run (default: 0.5)")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta of the reported epsilon (default: 1e-5)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed shared by all modes")
-    parser.add_argument("--out", default="bench-out/dp", help="output folder")
     args = parser.parse_args()
 
     base = from_flat(
         {
-            "model.base": args.base,
-            "seed": args.seed,
-            "federation.num-devices": args.devices,
-            "federation.rounds": args.rounds,
-            "train.local-steps": args.steps,
+            **federation_settings(args),
             "dp.delta": args.delta,
         }
     )

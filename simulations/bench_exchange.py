@@ -16,13 +16,13 @@ to ``--out``/result.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 from edgetune.config import RunConfig, from_flat, to_flat
 from edgetune.server.metrics import read_metrics
+from edgetune.simulations.bench_cli import federation_parser, federation_settings
 from edgetune.simulations.simulate import simulate
 
 MODES = {
@@ -53,24 +53,9 @@ def _run(base: RunConfig, name: str, overrides: dict[str, object], out: Path) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
-    parser.add_argument("--rounds", type=int, help="training rounds (default: simulate's)")
-    parser.add_argument("--devices", type=int, help="devices (default: simulate's)")
-    parser.add_argument("--steps", type=int, help="local steps (default: simulate's)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed shared by all modes")
-    parser.add_argument("--out", default="bench-out/exchange", help="output folder")
+    parser = federation_parser(__doc__, out="bench-out/exchange", devices=None, rounds=None, steps=None)
     args = parser.parse_args()
-
-    flat: dict[str, object] = {"model.base": args.base, "seed": args.seed}
-    for key, value in (
-        ("federation.rounds", args.rounds),
-        ("federation.num-devices", args.devices),
-        ("train.local-steps", args.steps),
-    ):
-        if value is not None:
-            flat[key] = value
-    base = from_flat(flat)
+    base = from_flat(federation_settings(args))
     out = Path(args.out)
     runs = {name: _run(base, name, overrides, out) for name, overrides in MODES.items()}
     fp32, onebit = runs["fp32"], runs["1bit"]

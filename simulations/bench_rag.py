@@ -41,6 +41,7 @@ import numpy as np
 
 from edgetune.client.documents import pydoc_topics
 from edgetune.client.rag import RagIndex
+from edgetune.simulations.bench_cli import federation_parser, federation_settings
 
 QUESTIONS = (
     "How do I catch an exception and still run cleanup code?",
@@ -159,13 +160,9 @@ def federated(args: argparse.Namespace, out: Path) -> dict[str, dict]:
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = from_flat(
             {
-                "model.base": args.base,
+                **federation_settings(args),
                 "run-dir": str(run_dir),
-                "federation.num-devices": args.devices,
-                "federation.rounds": args.rounds,
-                "train.local-steps": args.steps,
                 "rag.enabled": rag,
-                "seed": args.seed,
             }
         )
         print(f"== (b) {name}: {args.devices} devices, {args.rounds} rounds, {args.steps} steps", flush=True)
@@ -208,15 +205,9 @@ def answers(index: RagIndex, base: str, adapter: Path | None, new_tokens: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2", help="base model for (b) and (c) (default: smollm2)")
-    parser.add_argument("--devices", type=int, default=4, help="devices in (b) (default 4)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds in (b) (default 2)")
-    parser.add_argument("--steps", type=int, default=4, help="local steps per round in (b) (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed and held-out sentence choice (default 0)")
+    parser = federation_parser(__doc__, out="bench-out/rag")
     parser.add_argument("--new-tokens", type=int, default=64, help="answer length bound in (c) (default 64)")
     parser.add_argument("--skip-federated", action="store_true", help="skip (b); (c) uses the base model alone")
-    parser.add_argument("--out", default="bench-out/rag", help="output folder for result.json and runs")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

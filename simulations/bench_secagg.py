@@ -15,7 +15,6 @@ per round and per secure-aggregation stage, epsilon. Ends with one JSON line, al
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -28,6 +27,7 @@ from edgetune.config import RunConfig, from_flat, to_flat
 from edgetune.models import model_skeleton
 from edgetune.server.accounting import epsilon, next_event
 from edgetune.server.metrics import read_metrics
+from edgetune.simulations.bench_cli import federation_parser, federation_settings
 from edgetune.simulations.simulate import simulate
 
 _STAGES = ("keys", "share", "mask", "unmask")
@@ -83,26 +83,16 @@ def _run(base: RunConfig, name: str, overrides: dict[str, object], out: Path, pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
-    parser.add_argument("--devices", type=int, default=4, help="devices, all trained every round (default: 4)")
-    parser.add_argument("--rounds", type=int, default=2, help="training rounds (default: 2)")
-    parser.add_argument("--steps", type=int, default=2, help="local steps per round (default: 2)")
+    parser = federation_parser(__doc__, out="bench-out/secagg", steps=2)
     parser.add_argument("--batch-size", type=int, default=4, help="conversations per step (default: 4)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per example (default: 128)")
     parser.add_argument("--clip-norm", type=float, default=0.1, help="C of both DP runs (default: 0.1)")
     parser.add_argument("--noise-multiplier", type=float, default=0.5, help="z of secagg-ddp (default: 0.5)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed shared by all modes")
-    parser.add_argument("--out", default="bench-out/secagg", help="output folder")
     args = parser.parse_args()
 
     base = from_flat(
         {
-            "model.base": args.base,
-            "seed": args.seed,
-            "federation.num-devices": args.devices,
-            "federation.rounds": args.rounds,
-            "train.local-steps": args.steps,
+            **federation_settings(args),
             "train.batch-size": args.batch_size,
             "data.max-length": args.max_length,
             "data.max-eval-examples": 8,
