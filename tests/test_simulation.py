@@ -323,3 +323,23 @@ def test_ctrl_c_stops_within_10_s_and_resume_equals_the_uninterrupted_run(
     expected, got = _global_adapter(completed_run), _global_adapter(resumed)
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
+
+
+def test_two_cpu_bound_processes_beside_the_run_change_nothing(completed_run: RunConfig, tmp_path: Path) -> None:
+    """A simulation's result does not depend on how busy the machine is: the same run with two
+    busy loops beside it (on a two-core machine: every core taken) ends on the same adapter."""
+    cfg = dataclasses.replace(completed_run, run_dir=str(tmp_path / "busy"))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        assert simulate(cfg) == Path(cfg.run_dir)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait(timeout=10)
+    expected, busy = _global_adapter(completed_run), _global_adapter(cfg)
+    assert busy.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(busy[k], expected[k]), k
+    rows, ref = read_metrics(Path(cfg.run_dir)), read_metrics(Path(completed_run.run_dir))
+    assert [m["replies"] for m in rows] == [m["replies"] for m in ref]
+    assert [m["eval_loss"] for m in rows] == [m["eval_loss"] for m in ref]
