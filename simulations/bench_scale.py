@@ -40,16 +40,21 @@ __all__ = ["measure_one", "scale_config"]
 _FLAT = 1.10  # largest size within 10% of the smallest
 
 
-def scale_config(run_dir: Path, num_devices: int, rounds: int, per_round: int) -> RunConfig:
-    """The same small federation at any size: only ``num_devices`` changes."""
+def scale_config(run_dir: Path, num_devices: int, rounds: int, per_round: int, base: str = "tiny") -> RunConfig:
+    """The same small federation at any size: only ``num_devices`` changes.
+
+    The tiny random Llama trains rank-4 LoRA in fp32; any other base keeps the default LoRA
+    and the precision its CPU picks (``train.precision=auto``).
+    """
+    tiny = base == "tiny"
     return RunConfig(
         seed=0,
         run_dir=str(run_dir),
-        model=ModelConfig(base="tiny"),
-        lora=LoraConfig(rank=4),
+        model=ModelConfig(base=base),
+        lora=LoraConfig(rank=4) if tiny else LoraConfig(),
         # Byte-level tiny tokenizer: 256 tokens leave every conversation an answer to score.
         data=DataConfig(partition="iid", max_length=256, max_eval_examples=2),
-        train=TrainConfig(local_steps=1, batch_size=2, precision="fp32"),
+        train=TrainConfig(local_steps=1, batch_size=2, **({"precision": "fp32"} if tiny else {})),
         federation=FederationConfig(
             rounds=rounds,
             num_devices=num_devices,
@@ -100,7 +105,8 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 def _run_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, object]:
     cmd = [sys.executable, "-m", "edgetune.simulations.bench_scale", "--one", str(n)]
-    cmd += ["--rounds", str(args.rounds), "--per-round", str(args.per_round), "--out", str(work / f"n{n}")]
+    cmd += ["--rounds", str(args.rounds), "--per-round", str(args.per_round), "--base", args.base]
+    cmd += ["--out", str(work / f"n{n}")]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -127,6 +133,7 @@ def _table(rows: list[dict[str, object]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="tiny", metavar="MODEL", help="base model (default: tiny; smollm2 too)")
     parser.add_argument("--sizes", default="8,64,512", help="comma-separated device counts (default: 8,64,512)")
     parser.add_argument("--rounds", type=int, default=4, help="training rounds per size (default: 4)")
     parser.add_argument("--per-round", type=int, default=8, help="devices trained (and evaluating) per round")
@@ -136,7 +143,9 @@ def main() -> None:
     if args.one:
         run_dir = Path(args.out) / "run"
         shutil.rmtree(run_dir, ignore_errors=True)
-        print(json.dumps(measure_one(scale_config(run_dir, args.one, args.rounds, args.per_round))), flush=True)
+        print(
+            json.dumps(measure_one(scale_config(run_dir, args.one, args.rounds, args.per_round, args.base))), flush=True
+        )
         return
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if min(sizes) < args.per_round:
@@ -162,6 +171,7 @@ def main() -> None:
     print(f"largest / smallest: {ratios}; within 10%: {flat}")
     result = {
         "benchmark": "scale",
+        "base": args.base,
         "sizes": sizes,
         "rounds": args.rounds,
         "per_round": args.per_round,
