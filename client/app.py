@@ -189,7 +189,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     synced = _clock()
     engine = select_engine(r.cfg, context.node_config)
     delta, stats, n = train_delta(r.model, r.pad_id, r.data, r.storage, r.global_state, r.cfg, r.round, engine)
-    record, public = secagg.start(context, msg, r.cfg, r.storage, delta, r.round)
+    record, public = secagg.start(context, msg, r.cfg, r.storage, delta, r.round, (r.key, r.run))
     metrics = {
         wire.NUM_EXAMPLES: n,
         wire.TRAIN_LOSS: stats.loss,

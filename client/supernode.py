@@ -7,6 +7,8 @@ the ClientApp (``edgetune.client.app:app``) for each message with node config::
     data-path    the device's own JSONL file (or folder) of conversations
     storage-dir  the device's storage folder (held adapter version, error-feedback residual)
     device-id    the device's stable name in the federation's metrics
+    peer-keys    (optional) the registered devices' public keys, a ``*.pub`` file or folder:
+                 secure-aggregation rosters are checked against them (client/secagg_registry.py)
 
 Device state lives in the storage folder, so it survives a device restart and a server
 restart. :func:`join` runs in the foreground and supervises the SuperNode: if it exits while
@@ -51,6 +53,7 @@ class JoinOptions:
     ca_cert: Path | None
     runtime_port: int = 0  # Flower's local per-node HTTP API; 0: a free port
     train_engine: str = ""  # "" : the run's train.engine; else pytorch | onnxruntime for this device
+    peer_keys: Path | None = None  # the registered devices' *.pub keys (file or folder), for SecAgg rosters
     verbose: bool = False
     retry_wait: float = 5.0
 
@@ -86,6 +89,7 @@ def node_config(opts: JoinOptions) -> str:
             _toml_string(wire.STORAGE_DIR, str(opts.storage_dir.resolve())),
             _toml_string(wire.DEVICE_ID, opts.device_id),
             *([_toml_string(wire.TRAIN_ENGINE, opts.train_engine)] if opts.train_engine else []),
+            *([_toml_string(wire.PEER_KEYS, str(opts.peer_keys.resolve()))] if opts.peer_keys else []),
             # The registered key also signs every reply (edgetune/signing.py).
             *([_toml_string(wire.SIGNING_KEY, str(opts.private_key.resolve()))] if opts.private_key else []),
         ]

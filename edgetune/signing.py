@@ -46,7 +46,9 @@ from edgetune import wire
 __all__ = [
     "PrivateKey",
     "PublicKey",
+    "advert_digest",
     "content_digest",
+    "key_id",
     "load_public_key_bytes",
     "load_signing_key",
     "reply_digest",
@@ -59,6 +61,7 @@ __all__ = [
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 _DOMAIN = b"edgetune-reply-v1"
+_ADVERT_DOMAIN = b"edgetune-secagg-advert-v1"
 
 
 def run_tag(run_config_json: str) -> str:
@@ -155,6 +158,25 @@ def content_digest(kind: str, run: str, device_id: str, content: Any) -> bytes:
     metrics = content.metric_records[wire.METRICS].items() if wire.METRICS in content.metric_records else []
     arrays = [(name, key, a) for name, record in content.array_records.items() for key, a in record.items()]
     return reply_digest(kind, run, device_id, list(metrics), arrays)
+
+
+def advert_digest(run: str, round_: int, node: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    """SHA-256 of one secure-aggregation key advertisement: (run, round, node id, both public keys).
+
+    A device signs it with its key in stage 1; every other device checks it against the
+    registry of device keys before it shares secrets with that node (``client/secagg_registry.py``),
+    so the server can neither invent a device nor move one's keys to another node or round.
+    """
+    h = hashlib.sha256()
+    for data in (_ADVERT_DOMAIN, run.encode(), str(round_).encode(), str(node).encode(), c_pk, s_pk):
+        _field(h, data)
+    return h.digest()
+
+
+def key_id(key: PublicKey) -> bytes:
+    """SHA-256 of a public key's DER encoding: how a signer is named in a registry."""
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).digest()
 
 
 def sign(key: PrivateKey, digest: bytes) -> bytes:

@@ -64,8 +64,14 @@ SA_SURVIVORS = "survivors"
 SA_DROPPED = "dropped"
 SA_SEED_SHARES = "seed-shares"
 SA_KEY_SHARES = "key-shares"
+SA_ADVERT_SIG = "advert-signature"  # keys reply: the device's signature of its advertisement
+SA_SIGNER = "signer"  # keys reply: SHA-256 of the signing public key (DER), to find it in a registry
+SA_ADVERT_SIGS = "advert-signatures"  # share message: every roster entry's advertisement signature
+SA_SIGNERS = "signers"  # share message: every roster entry's signer
 SA_SESSION = "secagg-session"  # device context state: the session (JSON bytes)
 SA_INPUT = "secagg-input"  # device context state: the integer input (ArrayRecord)
+SA_RECORD_ENV = "EDGETUNE_TEST_SECAGG_RECORD"  # tests only: folder a device writes its integer inputs to
+SA_HOLD_ENV = "EDGETUNE_TEST_SECAGG_HOLD"  # tests only: file a device writes, then holds, on the unmask message
 
 # ConfigRecord keys (uplink ``device`` record): the device's id and its signature of the reply.
 SIGNATURE = "signature"  # bytes: edgetune.signing over run, round, device, metrics, payload bytes
@@ -77,6 +83,7 @@ DATA_PATH = "data-path"
 DEVICE_ID = "device-id"
 TRAIN_ENGINE = "train-engine"  # pytorch | onnxruntime (overrides train.engine)
 SIGNING_KEY = "signing-key"  # path of the device's private key (the one registered with the server)
+PEER_KEYS = "peer-keys"  # path: the registered devices' public keys (*.pub file or folder), for SecAgg rosters
 
 # Run folder layout.
 CONFIG_FILE = "config.json"

@@ -66,6 +66,7 @@ class _Round:
 
     def __init__(self, fed: Federation, round_: int, spec: RoundSpec) -> None:
         self.fed, self.round, self.spec = fed, round_, spec
+        self.adverts: dict[int, tuple[bytes, bytes]] = {}  # node -> (signer, advertisement signature)
         self.report: dict[str, Any] = {
             "k": spec.k,
             "bits": spec.bits,
@@ -142,6 +143,8 @@ def _keys_stage(r: _Round, chosen: list[int], m: RoundMetrics) -> dict[int, tupl
             m.rejected.append(f"secagg keys, node {node}: {err}")
             continue
         roster[node] = keys
+        sa = reply.content.config_records.get(wire.SECAGG, {})
+        r.adverts[node] = (bytes(sa.get(wire.SA_SIGNER, b"")), bytes(sa.get(wire.SA_ADVERT_SIG, b"")))  # type: ignore[arg-type]
         fed.fed.record_device(node, device, int(metrics[wire.HELD_VERSION]))
         weights.append(float(metrics[wire.NUM_EXAMPLES]))
         losses.append(float(metrics[wire.TRAIN_LOSS]))
@@ -165,6 +168,9 @@ def _run_stages(r: _Round, roster: dict[int, tuple[bytes, bytes]]) -> tuple[Any,
         wire.SA_NODES: nodes,
         wire.SA_C_PK: [roster[u][0] for u in nodes],
         wire.SA_S_PK: [roster[u][1] for u in nodes],
+        # Forwarded for the devices to check against their registry (client/secagg_registry.py).
+        wire.SA_SIGNERS: [r.adverts.get(u, (b"", b""))[0] for u in nodes],
+        wire.SA_ADVERT_SIGS: [r.adverts.get(u, (b"", b""))[1] for u in nodes],
     }
     replies = r.send("share", {u: r.message(u, wire.SECAGG_SHARE, record) for u in nodes})
     cts, commitments = {}, {}

@@ -16,7 +16,8 @@ Allowed content (anything else is listed under ``offending``):
     ``metrics`` MetricRecord: the known numeric metric keys, scalar values
     ``device``  ConfigRecord holding only the device id and its signature of the reply
     ``secagg``  ConfigRecord, secure-aggregation replies (kind ``secagg-<stage>``): public keys,
-                AES-GCM ciphertexts, a seed commitment, Shamir shares (never a plain input)
+                AES-GCM ciphertexts, a seed commitment, Shamir shares, the advertisement's signature
+                and signer (never a plain input)
     ``secagg-masked`` ArrayRecord, ``secagg-mask`` replies: the masked input, packed uint8
     ``secagg-public`` ArrayRecord, ``secagg-keys`` replies: the two X25519 public keys
 Errors a device reports are text that left it, so they are flagged as well.
@@ -43,6 +44,7 @@ _METRIC_KEYS = frozenset(
 _PARTS = frozenset({wire.BITS, wire.SCALES, wire.VALUES})
 _SECAGG_KEYS = frozenset(
     {wire.ROUND, wire.SA_C_PK, wire.SA_S_PK, wire.SA_DST, wire.SA_CIPHERTEXTS, wire.SA_COMMITMENT}
+    | {wire.SA_ADVERT_SIG, wire.SA_SIGNER}  # the key advertisement's signature and its signer's key id
     | {wire.SA_SEED_SHARES, wire.SA_SEED_SHARES + "-src", wire.SA_KEY_SHARES, wire.SA_KEY_SHARES + "-src"}
 )
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_.]+\.lora_[AB]\.weight$")

@@ -4,19 +4,22 @@ One federation serves every test in the file (module fixture): a SuperLink with 
 SuperNode authentication, two devices with different local JSONL data (tiny model), and a
 two-round run. Then: an unregistered device is refused (both sides say so), a plain-text
 client cannot talk to the TLS port, the bytes per round equal a ``simulate()`` of the same
-settings, a secure-aggregation round completes on the same devices, and every process the
-test started (and every process those started) is gone.
+settings, a secure-aggregation round completes on the same devices, a third device joins and
+is killed after sending its masked input while the round still yields the exact sum, and
+every process the test started (and every process those started) is gone.
 
 Ports are picked free at run time; ``FLWR_HOME`` points into the test's folder. Flower
 starts a fresh Python process for every message a device handles, so each round costs a few
 process starts plus a Ray start for the simulation: 175-304 s measured here at a load average
-of 6-8 (the machine was shared).
+of 6-8 (the machine was shared). The three-device round adds about 230 s (measured at a load
+average of 7), a minute of it the SuperLink waiting for the killed device's heartbeat to lapse.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 from safetensors.numpy import load_file
@@ -38,6 +42,7 @@ pytestmark = pytest.mark.e2e
 
 STEP_TIMEOUT = 420  # seconds for one stage (start, run); generous: the machine may be shared
 DEVICES = ("dev-a", "dev-b")
+THIRD = "dev-c"  # registered from the start, joins for the three-device SecAgg round only
 RUN_SETTINGS = {
     "model.base": "tiny",
     "lora.rank": "4",
@@ -104,8 +109,9 @@ class Federation:
     procs: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
     run: subprocess.CompletedProcess[str] | None = None
     rogue: subprocess.CompletedProcess[str] | None = None
+    killed: set[str] = field(default_factory=set)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[str]:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         log = self.root / f"{name}.out"
         self.logs[name] = log
         proc = subprocess.Popen(
@@ -114,6 +120,7 @@ class Federation:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         self.procs[name] = proc
         self.tracker.roots.append(proc)
@@ -152,12 +159,15 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     )
     data = root / "data"
     data.mkdir()
-    for name in (*DEVICES, "rogue"):
+    for name in (*DEVICES, THIRD, "rogue"):
         assert _cli("device", "keygen", "--out", str(root / "keys"), "--name", name).returncode == 0
-    for i, name in enumerate(DEVICES):
+    registry = root / "registry"  # the registered devices' public keys, which devices check rosters against
+    registry.mkdir()
+    for i, name in enumerate((*DEVICES, THIRD)):
         _write_data(data / f"{name}.jsonl", f"device {i}")
+        shutil.copy(root / "keys" / f"{name}.pub", registry)
     try:
-        allow = [a for name in DEVICES for a in ("--allow-device", str(root / "keys" / f"{name}.pub"))]
+        allow = [a for name in (*DEVICES, THIRD) for a in ("--allow-device", str(root / "keys" / f"{name}.pub"))]
         fed.start(
             "server",
             "server",
@@ -175,7 +185,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                 name,
                 *("device", "join", "--server", fed.fleet, "--data", str(data / f"{name}.jsonl")),
                 *("--storage", str(root / "storage" / name), "--key", str(root / "keys" / f"{name}.key")),
-                *("--ca", str(fed.ca)),
+                *("--ca", str(fed.ca), "--peer-keys", str(registry)),
+                env={wire.SA_RECORD_ENV: str(root / "probe" / name)},  # their SecAgg inputs, for the exact sum
             )
         rogue = fed.start(
             "rogue",
@@ -283,13 +294,92 @@ def test_secure_aggregation_round_on_real_devices(federation: Federation) -> Non
     assert set(sa["stage_seconds"]) == {"keys", "share", "mask", "unmask"}
 
 
+def _kill_tree(proc: subprocess.Popen[str]) -> list[int]:
+    """SIGKILL ``proc`` and every process under it (SuperNode, ClientApp), each by PID, as a
+    device that loses power; returns the PIDs."""
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    return [p.pid for p in family]
+
+
+def test_three_devices_one_killed_after_sending_its_masked_input(federation: Federation) -> None:
+    """SecAgg's hardest dropout on real devices (TLS, registered keys): a third device joins;
+    it holds the unmask message (``client/secagg_probe.py``), i.e. after its masked input
+    reached the server, which lists it among the survivors, and is killed there by PID with
+    its SuperNode and ClientApp processes. The two others' seed shares (t = 2 of n = 3) remove
+    its self-mask, so the protocol yields the sum of all three masked inputs: the unmasked
+    total must equal x_a + x_b + x_c mod 2^k exactly. With the fp32 downlink the update the
+    server stores is that total decoded over the 3 inputs, so the test reads it back."""
+    from edgetune.adapters.secagg_spec import decode_sum, round_spec
+    from edgetune.config import from_flat
+
+    fed, root = federation, federation.root
+    hold = root / "probe" / f"{THIRD}.hold"
+    victim = fed.start(
+        THIRD,
+        *("device", "join", "--server", fed.fleet, "--data", str(root / "data" / f"{THIRD}.jsonl")),
+        *("--storage", str(root / "storage" / THIRD), "--key", str(root / "keys" / f"{THIRD}.key")),
+        *("--ca", str(fed.ca), "--peer-keys", str(root / "registry")),
+        env={wire.SA_RECORD_ENV: str(root / "probe" / THIRD), wire.SA_HOLD_ENV: str(hold)},
+    )
+    fed.wait_for(THIRD, "connected to the server as node")
+    settings = {**RUN_SETTINGS, "secagg.enabled": "true", "federation.codec": "fp32"}
+    run_dir = root / "run-secagg-3"
+    fed.start(
+        "run-3",
+        *("run", "--server", fed.control, "--ca", str(fed.ca), "--run-dir", str(run_dir)),
+        *("--devices", "3", "--rounds", "1", *[a for k, v in settings.items() for a in ("--set", f"{k}={v}")]),
+    )
+    deadline = time.monotonic() + 2 * STEP_TIMEOUT
+    while not hold.exists():
+        assert fed.procs["run-3"].poll() is None, fed.output("run-3")[-3000:]
+        assert time.monotonic() < deadline, f"{THIRD} never reached the unmask stage:\n{fed.output(THIRD)[-3000:]}"
+        time.sleep(0.2)
+    marker = json.loads(hold.read_text())
+    assert marker["round"] == 1 and len(marker["survivors"]) == 3 and marker["node"] in marker["survivors"]
+    killed = _kill_tree(victim)
+    fed.killed.add(THIRD)
+    assert victim.wait(timeout=30) == -signal.SIGKILL and len(killed) >= 2  # join and its SuperNode at least
+    run = fed.procs["run-3"]
+    assert run.wait(timeout=STEP_TIMEOUT) == 0, fed.output("run-3")[-3000:]
+
+    rows = [json.loads(line) for line in (run_dir / wire.METRICS_FILE).read_text().splitlines()]
+    sa = rows[1]["secagg"]
+    assert sa["skipped"] is None and rows[1]["version"] == 1
+    assert sa["cohort"] == 3 and sa["threshold"] == 2 and sa["k"] == 1 + 2  # b + ceil(log2(n + 1))
+    assert sa["survivors"] == 3  # masked inputs counted: the killed device's is in the sum
+    assert sa["dropouts"] == {"keys": 0, "share": 0, "mask": 0, "unmask": 1}
+    inputs = {name: np.load(root / "probe" / name / "input-r1.npy") for name in (*DEVICES, THIRD)}
+    k = sa["k"]
+    total = sum(x.astype(np.uint64) for x in inputs.values()) & np.uint64((1 << k) - 1)
+    assert inputs[THIRD].any()  # leaving its input out would change the sum
+
+    stored = load_file(str(run_dir / wire.UPDATES_DIR / "v0001.safetensors"))
+    names = {key.rsplit(":", 1)[0]: key for key in stored}
+    shapes = {name: tuple(stored[key].shape) for name, key in names.items()}
+    cfg = from_flat({**settings, "federation.num-devices": 3})
+    spec = round_spec(cfg, shapes, 3)
+    assert spec.k == k and spec.dim == total.size
+    mean = np.concatenate([stored[names[n]].reshape(-1) for n in sorted(names)]).astype(np.float64)
+    # mean = (total * 2c / (2^b - 1) - 3c) / 3: read the integer total back (float32 error << 1/2)
+    recovered = np.rint((3 * mean + 3 * spec.range) * ((1 << spec.bits) - 1) / (2 * spec.range)).astype(np.int64)
+    assert np.array_equal(recovered, total.astype(np.int64))
+    expected = decode_sum(total, spec, 3, 3.0)  # the server's own decoding, bit for bit
+    assert all(np.array_equal(stored[names[n]], expected[n].numpy()) for n in names)
+
+
 def test_every_started_process_is_stopped(federation: Federation) -> None:
     # Runs last in the file; the fixture's teardown has not run yet, so stop everything here.
     for proc in federation.procs.values():
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)
     for name, proc in federation.procs.items():
-        assert proc.wait(timeout=60) in (0, 1), f"{name} exited {proc.returncode}"
+        expected = (-signal.SIGKILL,) if name in federation.killed else (0, 1)
+        assert proc.wait(timeout=60) in expected, f"{name} exited {proc.returncode}"
     time.sleep(2)
     assert federation.tracker.seen, "the tracker saw no processes"
     assert federation.tracker.alive() == []

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from edgetune import wire
@@ -33,6 +35,7 @@ from edgetune.config import (
 from edgetune.server.federation import run_federation
 from edgetune.server.metrics import read_metrics, summary_table
 from edgetune.server.strategy import DeltaFedAvg
+from edgetune.signing import advert_digest, key_id, sign
 
 HANDLERS = {
     wire.SECAGG_KEYS: client_app.secagg_keys,
@@ -60,6 +63,7 @@ class StagedGrid:
         self.inputs: dict[int, dict[int, np.ndarray]] = {}  # round -> node -> integer input
         self.outbox: dict[str, Message] = {}
         self.tamper_keys = False  # flip a bit of every advertised public key after signing
+        self.sybil = False  # a malicious server adds a device of its own to the share stage's roster
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
@@ -85,7 +89,14 @@ class StagedGrid:
             node = msg.metadata.dst_node_id
             if node - 100 in self.drop.get(kind, set()):
                 continue
-            replies.append(HANDLERS[kind](msg, self.contexts[node]))
+            if kind == wire.SECAGG_SHARE and self.sybil:
+                _add_sybil(msg)
+            try:
+                replies.append(HANDLERS[kind](msg, self.contexts[node]))
+            except Exception as ex:  # noqa: BLE001 - what Flower's ClientApp runner does with it
+                reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))
+                continue
             if kind == wire.SECAGG_KEYS and self.tamper_keys:
                 array = replies[-1].content.array_records[wire.SECAGG_PUBLIC][wire.SA_C_PK]
                 array.data = array.data[:-1] + bytes([array.data[-1] ^ 1])
@@ -93,6 +104,22 @@ class StagedGrid:
                 x = self.contexts[node].state.array_records[wire.SA_INPUT][wire.SA_INPUT].numpy()
                 self.inputs.setdefault(int(msg.metadata.group_id), {})[node] = x.copy()
         return replies
+
+
+def _add_sybil(msg: Message) -> None:
+    """A malicious server's invented device (node 999): fresh keys, signed by a key of its own."""
+    record = msg.content.config_records[wire.SECAGG]
+    fake = ed25519.Ed25519PrivateKey.generate()
+    c_pk, s_pk = (x25519.X25519PrivateKey.generate().public_key().public_bytes_raw() for _ in range(2))
+    run = "the server may claim any run"
+    for name, value in (
+        (wire.SA_NODES, 999),
+        (wire.SA_C_PK, c_pk),
+        (wire.SA_S_PK, s_pk),
+        (wire.SA_SIGNERS, key_id(fake.public_key())),
+        (wire.SA_ADVERT_SIGS, sign(fake, advert_digest(run, int(record[wire.ROUND]), 999, c_pk, s_pk))),  # type: ignore[arg-type]
+    ):
+        record[name] = [*record[name], value]  # type: ignore[misc]
 
 
 @pytest.fixture
@@ -306,3 +333,22 @@ def test_seeded_dropouts_in_simulation_and_signed_key_advertisements(tmp_path, s
     with pytest.raises(Exception, match="no device trained"):
         run_federation(grid, cfg, simulated=True)  # type: ignore[arg-type]
     assert any("bad signature" in r for r in read_metrics(Path(cfg.run_dir))[1]["rejected"])
+
+
+def test_devices_refuse_a_roster_with_a_device_the_server_invented(tmp_path, server_identity, applied, caplog) -> None:
+    """The server adds a Sybil to the share stage's roster: every honest device checks the
+    roster against its registry (simulated devices' derived keys), refuses with one line, and
+    drops; the round is skipped with a logged reason, the global adapter unchanged."""
+    cfg = _config(tmp_path / "run", n=3)
+    grid = StagedGrid(3)
+    grid.sybil = True
+    with caplog.at_level("WARNING", logger="edgetune.server"):
+        run_federation(grid, cfg, simulated=True)  # type: ignore[arg-type]
+    assert applied == []
+    row = read_metrics(Path(cfg.run_dir))[1]
+    assert row["version"] == 0 and row["secagg"]["dropouts"]["share"] == 3
+    assert "0 devices after the share stage < secagg threshold 2" in row["secagg"]["skipped"]
+    refusals = [r.getMessage() for r in caplog.records if "secagg share" in r.getMessage()]
+    assert len(refusals) == 3
+    reason = "refusing round 1: node 999's key advertisement is not signed by a registered device"
+    assert all(reason in m for m in refusals)

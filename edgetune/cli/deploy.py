@@ -200,6 +200,13 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
         help="train this device with PyTorch or ONNX Runtime (fp32, artefacts built once in --storage); "
         "default: the run's train.engine",
     )
+    j.add_argument(
+        "--peer-keys",
+        metavar="PATH",
+        help="the registered devices' public keys (a *.pub file or a folder of them, as the server's "
+        "--allow-device): in secure aggregation this device refuses a round whose roster holds a key "
+        "advertisement none of them signed",
+    )
     j.add_argument("--verbose", action="store_true", help="print every SuperNode log line")
     j.set_defaults(handler=_cmd_join)
 
@@ -220,7 +227,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 def _cmd_join(args: argparse.Namespace) -> int:
     from edgetune.client.supernode import JoinOptions, join
-    from edgetune.devicekeys import DeviceKeyError, check_private_key
+    from edgetune.devicekeys import DeviceKeyError, check_private_key, load_public_key, public_key_files
 
     data = Path(args.data)
     if not data.exists():
@@ -247,6 +254,14 @@ def _cmd_join(args: argparse.Namespace) -> int:
         if not ca.is_file():
             print(f"edgetune: --ca {ca}: no such file (copy STATE/tls/ca.pem from the server)", file=sys.stderr)
             return 2
+    peer_keys = Path(args.peer_keys) if args.peer_keys else None
+    if peer_keys is not None:
+        try:
+            for pub in public_key_files([str(peer_keys)]):
+                load_public_key(pub)
+        except DeviceKeyError as err:
+            print(f"edgetune: --peer-keys {err}", file=sys.stderr)
+            return 2
     device_id = args.device_id or (key.name.removesuffix(wire.DEVICE_PRIVATE_KEY_SUFFIX) if key else "device")
     opts = JoinOptions(
         args.server,
@@ -257,6 +272,7 @@ def _cmd_join(args: argparse.Namespace) -> int:
         ca,
         runtime_port=args.runtime_port,
         train_engine=args.train_engine or "",
+        peer_keys=peer_keys,
         verbose=args.verbose,
     )
     return join(opts)
