@@ -14,7 +14,7 @@ Device state lives in the storage folder, so it survives a device restart and a 
 restart. :func:`join` runs in the foreground and supervises the SuperNode: if it exits while
 the server is away (Flower gives up when the server's state changed under it), it is started
 again after a short wait; if the server refuses the device's key, join stops and says so.
-Ctrl-C / SIGTERM stops the SuperNode and the processes it started.
+Ctrl-C / SIGTERM stops the SuperNode and the processes it started (one line, exit code 130).
 """
 
 from __future__ import annotations
@@ -23,15 +23,23 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune import wire
 from edgetune.client.reach import diagnose
 from edgetune.config import RESUMABLE_KEYS, RunConfig, to_flat
-from edgetune.processes import flower_executable, forward_signals, pump_lines, start, stop_tree
+from edgetune.processes import (
+    EXIT_INTERRUPTED,
+    STOP_GRACE,
+    flower_executable,
+    pump_lines,
+    start,
+    stop_on_signals,
+    stop_tree,
+)
 
 __all__ = ["JoinOptions", "join", "node_config", "run_state_dir", "supernode_command"]
 
@@ -125,12 +133,14 @@ _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 class _Watcher:
     """Turns the SuperNode's log into a few readable lines and notices a refused key."""
 
-    def __init__(self, opts: JoinOptions, say) -> None:
-        self.opts, self.say = opts, say
+    def __init__(self, opts: JoinOptions, say, stopping: threading.Event) -> None:
+        self.opts, self.say, self.stopping = opts, say, stopping
         self.refused = threading.Event()
         self.round = ""
 
     def __call__(self, raw: str) -> None:
+        if self.stopping.is_set():
+            return  # after Ctrl-C: only join's one line; the rest is in the log
         line = _ANSI.sub("", raw)
         if _REFUSED.search(line):
             self.refused.set()
@@ -148,38 +158,40 @@ class _Watcher:
             self.say(f"[supernode] {line}")
 
 
-def _run_once(opts: JoinOptions, stopping: threading.Event, say) -> tuple[int, bool]:
+def _run_once(opts: JoinOptions, stopping: threading.Event, hurry: threading.Event, say) -> tuple[int, bool]:
     """One SuperNode process, until it exits or we are asked to stop; (exit code, refused)."""
-    watcher = _Watcher(opts, say)
+    watcher = _Watcher(opts, say, stopping)
     proc = start(supernode_command(opts))
     pump = pump_lines(proc, opts.storage_dir / wire.SUPERNODE_LOG_FILE, watcher)
     try:
-        while proc.poll() is None and not stopping.is_set():
-            time.sleep(0.2)
+        while proc.poll() is None and not stopping.wait(0.2):
+            pass
     finally:
-        stop_tree(proc)
-        pump.join(timeout=5)
+        stop_tree(proc, STOP_GRACE if stopping.is_set() else 10.0, hurry)
+        pump.join(timeout=1 if stopping.is_set() else 5)
     return int(proc.returncode or 0), watcher.refused.is_set()
 
 
 def join(opts: JoinOptions, say=print) -> int:
     """Run the device in the foreground until Ctrl-C / SIGTERM; returns the exit code.
 
-    0: stopped by the user; 1: the server refused this device's key; 2: the device and the
-    server cannot talk for a reason the device can see (``client/reach.py``).
+    130: stopped by a signal (the SuperNode and every process it started are gone within
+    :data:`STOP_GRACE` seconds; a second signal kills them at once); 1: the server refused
+    this device's key; 2: the device and the server cannot talk for a reason the device can
+    see (``client/reach.py``).
     """
     opts.storage_dir.mkdir(parents=True, exist_ok=True)
-    stopping = threading.Event()
+    stopping, hurry = threading.Event(), threading.Event()
     log = opts.storage_dir / wire.SUPERNODE_LOG_FILE
     say(f"device {opts.device_id}: joining {opts.server}; data {opts.data_path}; storage {opts.storage_dir}")
     say(f"log: {log}; Ctrl-C leaves the federation")
-    problem = diagnose(opts.server, opts.ca_cert)  # TLS against plain text, wrong CA: say so now
-    if problem:
-        say(f"edgetune: {problem}")
-        return 2
-    with forward_signals(lambda _s: stopping.set()):
+    with stop_on_signals(stopping, hurry):
+        problem = diagnose(opts.server, opts.ca_cert)  # TLS against plain text, wrong CA: say so now
+        if problem and not stopping.is_set():
+            say(f"edgetune: {problem}")
+            return 2
         while not stopping.is_set():
-            code, refused = _run_once(opts, stopping, say)
+            code, refused = _run_once(opts, stopping, hurry, say)
             if stopping.is_set():
                 break
             if refused:
@@ -188,5 +200,9 @@ def join(opts: JoinOptions, say=print) -> int:
                 return 1
             say(f"the SuperNode exited (code {code}); reconnecting in {opts.retry_wait:.0f}s (see {log})")
             stopping.wait(opts.retry_wait)
-    say(f"device {opts.device_id}: left the federation")
-    return 0
+    say(
+        f"edgetune: interrupted; device {opts.device_id} left the federation (its SuperNode and every process it "
+        "started stopped); the same command joins again",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED

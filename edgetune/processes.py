@@ -5,6 +5,11 @@ in the foreground. Flower starts helpers of its own (``flower-superexec``, then 
 ``flwr-serverapp`` / ``flwr-clientapp`` per run or message), some in new sessions, so a
 process group does not hold them all: :func:`stop_tree` stops a process *and every
 descendant it has at that moment*, politely first (SIGTERM), then SIGKILL.
+
+Ctrl-C and SIGTERM, the same in every long job (``simulate``, ``run``, ``server``,
+``device join``): :func:`stop_on_signals` turns the first one into a stop request the job
+checks, and the second into "give up waiting" (:func:`stop_tree` then kills at once). The
+job ends with one line and :data:`EXIT_INTERRUPTED`.
 """
 
 from __future__ import annotations
@@ -15,13 +20,27 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 
-__all__ = ["flower_env", "flower_executable", "start", "stop_tree", "pump_lines", "forward_signals"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "STOP_GRACE",
+    "flower_env",
+    "flower_executable",
+    "forward_signals",
+    "pump_lines",
+    "start",
+    "stop_on_signals",
+    "stop_tree",
+]
+
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by a signal" (128 + SIGINT)
+STOP_GRACE = 5.0  # seconds a child stopped after a signal gets before SIGKILL: the job ends within 10 s
 
 
 def flower_executable(name: str) -> str:
@@ -99,11 +118,12 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-def stop_tree(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
+def stop_tree(proc: subprocess.Popen[str], timeout: float = 10.0, hurry: threading.Event | None = None) -> None:
     """Stop ``proc`` and all its descendants: SIGTERM, wait up to ``timeout`` s, then SIGKILL.
 
     The descendants are listed before the parent is signalled: once it is gone, its
-    children are re-parented and could no longer be found from it.
+    children are re-parented and could no longer be found from it. Once ``hurry`` is set
+    (a second Ctrl-C), the wait ends at once and whatever is left is killed.
     """
     family = [*_descendants(proc.pid)]
     try:
@@ -115,7 +135,10 @@ def stop_tree(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(family, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    alive = family
+    while alive and time.monotonic() < deadline and not (hurry is not None and hurry.is_set()):
+        _, alive = psutil.wait_procs(alive, timeout=0.1)
     for p in alive:
         try:
             p.kill()
@@ -139,3 +162,34 @@ def forward_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event, hurry: threading.Event | None = None) -> Iterator[None]:
+    """The first SIGINT or SIGTERM sets ``stop``; a second one gives up waiting at once.
+
+    Giving up sets ``hurry`` when one is given (the job then stops its children without
+    waiting: :func:`stop_tree`), else raises KeyboardInterrupt in the main thread. Only the
+    main thread can install handlers; elsewhere this does nothing.
+
+    Example:
+        >>> stop = threading.Event()
+        >>> with stop_on_signals(stop):
+        ...     os.kill(os.getpid(), signal.SIGTERM)
+        >>> stop.is_set()
+        True
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(_signum: int) -> None:
+        if not stop.is_set():
+            stop.set()  # the job notices at its next check and ends with one line
+        elif hurry is not None:
+            hurry.set()
+        else:
+            raise KeyboardInterrupt  # the second signal: give up waiting
+
+    with forward_signals(on_signal):
+        yield

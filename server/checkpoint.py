@@ -27,12 +27,20 @@ import torch
 from safetensors import safe_open
 
 from edgetune.adapters.codec import Payload
-from edgetune.fileio import atomic_save, load_tensors
+from edgetune.fileio import atomic_save, atomic_write_text, load_tensors
 from edgetune.server.accounting import events_from_json, events_to_json
 from edgetune.server.strategy import ServerState
-from edgetune.wire import CHECKPOINT_DIR, UPDATES_DIR
+from edgetune.wire import CHECKPOINT_DIR, STATUS_FILE, UPDATES_DIR
 
-__all__ = ["dir_bytes", "footprint", "latest_checkpoint", "prune_run", "save_checkpoint", "save_update"]
+__all__ = [
+    "dir_bytes",
+    "footprint",
+    "latest_checkpoint",
+    "prune_run",
+    "save_checkpoint",
+    "save_update",
+    "write_interrupted",
+]
 
 _CKPT = re.compile(r"round_(\d+)\.safetensors$")
 _UPDATE = re.compile(r"v(\d+)\.safetensors$")
@@ -96,6 +104,18 @@ def latest_checkpoint(run_dir: Path) -> tuple[int, ServerState] | None:
         privacy=events_from_json(meta.get("privacy", "[]")),
     )
     return round_, state
+
+
+def write_interrupted(run_dir: Path, reason: str) -> int:
+    """Mark the run in ``run_dir`` ``interrupted`` at its last checkpointed round; returns that round.
+
+    ``--resume`` (or, on real devices, the same ``edgetune run`` command) continues from it.
+    """
+    last = latest_checkpoint(run_dir)
+    round_ = last[0] if last else 0
+    body = {"status": "interrupted", "last_round": round_, "reason": reason}
+    atomic_write_text(run_dir / STATUS_FILE, json.dumps(body))
+    return round_
 
 
 def prune_run(run_dir: Path, keep: int, every: int = 0) -> list[Path]:

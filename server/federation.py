@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import RunNotRunningException
 from tqdm import tqdm
 
 from edgetune import wire
@@ -46,7 +47,7 @@ from edgetune.fileio import atomic_write_text
 from edgetune.models import model_skeleton, resolve_base
 from edgetune.server.accounting import RoundEvent, epsilon, next_event
 from edgetune.server.audit.canaries import ensure_canaries
-from edgetune.server.checkpoint import latest_checkpoint, prune_run, save_checkpoint, save_update
+from edgetune.server.checkpoint import latest_checkpoint, prune_run, save_checkpoint, save_update, write_interrupted
 from edgetune.server.dp import mean_denominator, noise_generator, private_mean
 from edgetune.server.identity import Identities, make_verifier
 from edgetune.server.metrics import (
@@ -400,10 +401,15 @@ def run_federation(grid: Grid, cfg: RunConfig, simulated: bool = False, stop: th
         ensure_canaries(run_dir, cfg)  # audit runs only: secrets the devices plant, for the report
         stopped = Federation(grid, cfg, run_dir, simulated, stop).run()
     except Interrupted as err:
-        last = latest_checkpoint(run_dir)
-        body = {"status": "interrupted", "last_round": last[0] if last else 0, "reason": str(err)}
-        atomic_write_text(status, json.dumps(body))  # the caller prints the one line
+        write_interrupted(run_dir, str(err))  # the caller prints the one line
         return
+    except (KeyboardInterrupt, SystemExit, RunNotRunningException) as err:
+        # On real devices: `edgetune run` stopped the run (Flower's Grid then raises
+        # RunNotRunningException, or has this process signal itself), or `edgetune server`
+        # stopped the ServerApp's process (Flower's signal handler exits it). Either way the
+        # run can be continued from its last checkpoint.
+        write_interrupted(run_dir, f"stopped on the server ({type(err).__name__})")
+        raise
     except BaseException as err:
         atomic_write_text(status, json.dumps({"status": "failed", "error": f"{type(err).__name__}: {err}"}))
         raise

@@ -12,7 +12,8 @@ Stages of :func:`submit_and_follow`:
        bundle again: the ServerApp resumes from the run folder's last checkpoint
        (server/federation.py), and the devices reconnect by themselves
 
-Ctrl-C stops the run on the server (rerun the same command to continue it later).
+Ctrl-C or SIGTERM stops the run on the server; its run folder says ``interrupted`` with the last
+completed round, and the same command continues it from there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,10 +30,13 @@ from pathlib import Path
 
 from edgetune import wire
 from edgetune.config import RunConfig, to_flat
-from edgetune.processes import forward_signals
+from edgetune.processes import stop_on_signals
+from edgetune.server.checkpoint import write_interrupted
 from edgetune.server.superlink import control_client
 
-__all__ = ["FollowOptions", "RunOutcome", "build_fab", "submit_and_follow"]
+__all__ = ["STOP_WAIT", "FollowOptions", "RunOutcome", "build_fab", "submit_and_follow"]
+
+STOP_WAIT = 6.0  # seconds to wait after Ctrl-C for the ServerApp to mark the run folder
 
 # The packages the ServerApp and ClientApp import: edgetune and the folders mapped into it
 # (pyproject's [tool.setuptools] package-dir), each laid out in the FAB under its dotted name.
@@ -101,11 +106,12 @@ class FollowOptions:
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How the run ended: ``completed`` / ``failed`` / ``stopped``, with the reason."""
+    """How the run ended: ``completed`` / ``failed`` / ``interrupted``, with the reason."""
 
     status: str
     detail: str = ""
     run_ids: tuple[int, ...] = ()
+    last_round: int | None = None  # interrupted: the last completed round
 
     @property
     def ok(self) -> bool:
@@ -200,67 +206,108 @@ def _connect_when_back(opts: FollowOptions, stopping, say):
     return None
 
 
+def _interrupted(client, run_id: int | None, run_dir: Path, hurry) -> tuple[str, int | None]:
+    """After Ctrl-C: stop the run on the server and wait (up to ``STOP_WAIT`` s, or until a
+    second signal) for its ServerApp to mark the run folder; (how it ended, last round).
+
+    The ServerApp notices the stop at its next call to the server (every 1-3 s) and writes
+    ``interrupted`` with its last checkpointed round; if it does not in time (not started
+    yet, server gone), this writes the same itself; without a submitted run, at once.
+    """
+    if client is not None and run_id is not None:
+        _stop(client, run_id)
+    if not run_dir.is_dir():  # nothing ran yet
+        return "interrupted", 0
+    deadline = time.monotonic() + (STOP_WAIT if run_id is not None else 0.0)
+    while time.monotonic() < deadline and not hurry.is_set():
+        saved = _run_status(run_dir)
+        if saved.get("status") in ("interrupted", "completed", "failed"):
+            return saved["status"], saved.get("last_round")
+        time.sleep(0.1)
+    return "interrupted", write_interrupted(run_dir, "stopped by edgetune run (Ctrl-C or SIGTERM)")
+
+
 def submit_and_follow(cfg: RunConfig, opts: FollowOptions, on_round: Callable[[dict], None], say=print) -> RunOutcome:
     """Submit ``cfg`` to the server and follow it until it ends; resubmit after a server restart.
 
     ``cfg.run_dir`` must be an absolute path on the server machine; progress is read from
     it, so follow from the server machine (the Control API listens on 127.0.0.1 by default).
+    The first Ctrl-C or SIGTERM stops the run on the server and returns ``interrupted`` with
+    the last completed round within :data:`STOP_WAIT` seconds (a second one at once); the
+    same command continues the run from there.
     """
+    stopping, hurry = threading.Event(), threading.Event()
+    with stop_on_signals(stopping, hurry):
+        return _follow(cfg, opts, on_round, say, stopping, hurry)
+
+
+def _follow(cfg: RunConfig, opts: FollowOptions, on_round, say, stopping, hurry) -> RunOutcome:
     run_dir = Path(cfg.run_dir)
     fab = build_fab(cfg)
     status_file = run_dir / wire.STATUS_FILE
     if status_file.is_file():
         status_file.unlink()  # the ServerApp writes a fresh one; an old "completed" must not end this follow
-    stopping = {"yes": False}
+    run_ids: list[int] = []
+
+    def outcome(status: str, detail: str = "", last_round: int | None = None) -> RunOutcome:
+        return RunOutcome(status, detail, tuple(run_ids), last_round)
+
+    def stop(client) -> RunOutcome:
+        status, last = _interrupted(client, run_ids[-1] if run_ids else None, run_dir, hurry)
+        if status == "interrupted":
+            return outcome(status, "stopped by the user; run the same command again to continue", last)
+        saved = _run_status(run_dir)  # it ended on its own just before the stop reached it
+        return outcome(status, saved.get("error", ""))
+
+    if stopping.is_set():  # Ctrl-C while the bundle was being built
+        return stop(None)
     client = control_client(opts.control_address, opts.ca_cert)
     try:
-        run_ids = [_start(client, fab)]
+        run_ids.append(_start(client, fab))
     except Exception as err:  # noqa: BLE001 - not up yet (or a wrong address: the wait below says so)
         if not _is_outage(err):
             raise
         client.close()
-        client = _connect_when_back(opts, lambda: stopping["yes"], say)
+        client = _connect_when_back(opts, stopping.is_set, say)
         if client is None:
-            return RunOutcome("failed", f"no server answered at {opts.control_address}")
-        run_ids = [_start(client, fab)]
+            if stopping.is_set():
+                return stop(None)
+            return outcome("failed", f"no server answered at {opts.control_address}")
+        run_ids.append(_start(client, fab))
     say(f"submitted run {run_ids[-1]} ({len(fab) / 1024:.0f} KiB bundle); run folder {run_dir}")
-    rounds = _Rounds(run_dir, on_round)
-
-    def outcome(status: str, detail: str = "") -> RunOutcome:
-        return RunOutcome(status, detail, tuple(run_ids))
-
-    with forward_signals(lambda _s: stopping.update(yes=True)):
-        while True:
+    rounds = _Rounds(run_dir, lambda row: None if stopping.is_set() else on_round(row))
+    while True:
+        rounds.poll()
+        saved = _run_status(run_dir)
+        if saved.get("status") in ("completed", "failed"):
             rounds.poll()
+            return outcome(saved["status"], saved.get("error", ""))
+        if stopping.is_set():
+            return stop(client)
+        try:
+            flower = _flower_status(client, run_ids[-1])
+        except Exception as err:  # noqa: BLE001 - the server is unreachable: it may be restarting
+            if not _is_outage(err):
+                raise
+            client.close()
+            back = _connect_when_back(opts, stopping.is_set, say)
+            if back is None:
+                if stopping.is_set():
+                    return stop(None)
+                return outcome("failed", f"the server at {opts.control_address} did not come back")
+            client = back
+            _stop(client, run_ids[-1])
+            run_ids.append(_start(client, fab))
+            say(f"server is back: resubmitted as run {run_ids[-1]}; it resumes from the last completed round")
+            continue
+        if flower == "unknown":  # a server that lost its database: submit again, the run folder resumes
+            run_ids.append(_start(client, fab))
+            say(f"the server no longer knows the run: resubmitted as run {run_ids[-1]}")
+            continue
+        if flower.startswith("finished"):
+            stopping.wait(opts.poll)  # let the ServerApp's last status write land
             saved = _run_status(run_dir)
-            if saved.get("status") in ("completed", "failed"):
-                rounds.poll()
-                return outcome(saved["status"], saved.get("error", ""))
-            if stopping["yes"]:
-                _stop(client, run_ids[-1])
-                return outcome("stopped", "stopped by the user; run the same command again to continue")
-            try:
-                flower = _flower_status(client, run_ids[-1])
-            except Exception as err:  # noqa: BLE001 - the server is unreachable: it may be restarting
-                if not _is_outage(err):
-                    raise
-                client.close()
-                back = _connect_when_back(opts, lambda: stopping["yes"], say)
-                if back is None:
-                    return outcome("failed", f"the server at {opts.control_address} did not come back")
-                client = back
-                _stop(client, run_ids[-1])
-                run_ids.append(_start(client, fab))
-                say(f"server is back: resubmitted as run {run_ids[-1]}; it resumes from the last completed round")
+            if saved.get("status") in ("completed", "failed") or stopping.is_set():
                 continue
-            if flower == "unknown":  # a server that lost its database: submit again, the run folder resumes
-                run_ids.append(_start(client, fab))
-                say(f"the server no longer knows the run: resubmitted as run {run_ids[-1]}")
-                continue
-            if flower.startswith("finished"):
-                time.sleep(opts.poll)  # let the ServerApp's last status write land
-                saved = _run_status(run_dir)
-                if saved.get("status") in ("completed", "failed"):
-                    continue
-                return outcome("failed", f"the ServerApp ended ({flower}) without a status; see the server's log")
-            time.sleep(opts.poll)
+            return outcome("failed", f"the ServerApp ended ({flower}) without a status; see the server's log")
+        stopping.wait(opts.poll)

@@ -8,7 +8,7 @@ Stages of :func:`serve`:
        not registered yet
     4. run in the foreground: copy the SuperLink's log to ``<state>/superlink.log``, print
        the lines a user needs (devices connecting, devices refused, errors); Ctrl-C stops the
-       SuperLink and every process it started.
+       SuperLink and every process it started, with one line and exit code 130.
 
 Two listening addresses: the Fleet API (devices connect here; ``--listen``, all interfaces
 by default) and Flower's HTTP API that carries the Control API (run submission, device
@@ -28,7 +28,15 @@ from pathlib import Path
 
 from edgetune import wire
 from edgetune.devicekeys import fingerprint, load_public_key, public_key_pem
-from edgetune.processes import flower_executable, forward_signals, pump_lines, start, stop_tree
+from edgetune.processes import (
+    EXIT_INTERRUPTED,
+    STOP_GRACE,
+    flower_executable,
+    pump_lines,
+    start,
+    stop_on_signals,
+    stop_tree,
+)
 from edgetune.server.tls import TlsFiles
 
 __all__ = ["ServerOptions", "ServerError", "control_client", "register_devices", "serve", "superlink_command"]
@@ -92,8 +100,8 @@ def control_client(address: str, ca_cert: Path | None):  # -> ControlHttpClient 
     )
 
 
-def wait_until_ready(opts: ServerOptions, alive: threading.Event) -> None:
-    """Poll the Control API until it answers.
+def wait_until_ready(opts: ServerOptions, alive: threading.Event, stopping: threading.Event | None = None) -> None:
+    """Poll the Control API until it answers (or ``stopping`` is set).
 
     Raises:
         ServerError: the SuperLink exited, or did not answer within ``opts.ready_timeout``.
@@ -103,7 +111,7 @@ def wait_until_ready(opts: ServerOptions, alive: threading.Event) -> None:
     client = control_client(opts.control_address, None if opts.tls is None else opts.tls.ca_cert)
     deadline = time.monotonic() + opts.ready_timeout
     try:
-        while True:
+        while stopping is None or not stopping.is_set():
             if not alive.is_set():
                 raise ServerError(f"flower-superlink exited while starting; see {_log_path(opts)}")
             try:
@@ -149,6 +157,7 @@ _PEM = re.compile(r"-----BEGIN PUBLIC KEY-----(.*?)-----END PUBLIC KEY-----", re
 _ACTIVATED = re.compile(r"\[Fleet\.ActivateNode\] Activated node_id=(\d+)")
 _DEACTIVATED = re.compile(r"\[Fleet\.DeactivateNode\].*node_id=(\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STOPPED_RUN = re.compile(r"\[/v1/runtime/[\w-]+\]\[ApiError:1008\] Runtime task-token authentication failed")
 
 
 def _refused_fingerprint(line: str) -> str:
@@ -177,6 +186,8 @@ def describe_line(line: str) -> str | None:
         return f"device connected (node {m.group(1)})"
     if m := _DEACTIVATED.search(line):
         return f"device disconnected (node {m.group(1)})"
+    if _STOPPED_RUN.search(line):
+        return None  # a stopped run's ServerApp still calling in: expected, only in the log
     if line.startswith(("ERROR", "CRITICAL")) or "Traceback" in line:
         return line
     return None
@@ -185,40 +196,55 @@ def describe_line(line: str) -> str | None:
 def serve(opts: ServerOptions, say=print) -> int:
     """Run the SuperLink in the foreground until Ctrl-C / SIGTERM; returns the exit code.
 
+    The first signal stops the SuperLink and every process it started (a run's ServerApp
+    then marks its run folder ``interrupted``) within :data:`STOP_GRACE` seconds, and ends
+    with one line and exit code 130; a second signal kills what is left at once.
+
     Raises:
         ServerError: it could not start.
     """
     opts.state_dir.mkdir(parents=True, exist_ok=True)
-    proc = start(superlink_command(opts))
-    alive = threading.Event()
-    alive.set()
-    stopping = threading.Event()
+    stopping, hurry = threading.Event(), threading.Event()
+    with stop_on_signals(stopping, hurry):
+        proc = start(superlink_command(opts))
+        alive = threading.Event()
+        alive.set()
 
-    def on_line(line: str) -> None:
-        text = line if opts.verbose else describe_line(line)
-        if text is not None:
-            say(f"[superlink] {text}")
+        def on_line(line: str) -> None:
+            if stopping.is_set():
+                return  # after Ctrl-C: only the one line below; the rest is in the log
+            text = line if opts.verbose else describe_line(line)
+            if text is not None:
+                say(f"[superlink] {text}")
 
-    pump = pump_lines(proc, _log_path(opts), on_line)
-    threading.Thread(target=lambda: (proc.wait(), alive.clear()), daemon=True).start()
-    try:
-        with forward_signals(lambda _s: stopping.set()):
-            wait_until_ready(opts, alive)
-            client = control_client(opts.control_address, None if opts.tls is None else opts.tls.ca_cert)
-            try:
-                for line in register_devices(client, opts.device_keys):
-                    say(line)
-            finally:
-                client.close()
-            say(f"ready: devices connect to {opts.fleet_address}; runs are submitted to {opts.control_address}")
-            say(f"log: {_log_path(opts)}; Ctrl-C stops the server")
-            while alive.is_set() and not stopping.is_set():
-                time.sleep(0.2)
-    finally:
-        stop_tree(proc)
-        pump.join(timeout=5)
+        pump = pump_lines(proc, _log_path(opts), on_line)
+        threading.Thread(target=lambda: (proc.wait(), alive.clear()), daemon=True).start()
+        try:
+            wait_until_ready(opts, alive, stopping)
+            if not stopping.is_set():
+                _register(opts, say)
+                say(f"ready: devices connect to {opts.fleet_address}; runs are submitted to {opts.control_address}")
+                say(f"log: {_log_path(opts)}; Ctrl-C stops the server")
+            while alive.is_set() and not stopping.wait(0.2):
+                pass
+        finally:
+            stop_tree(proc, STOP_GRACE if stopping.is_set() else 10.0, hurry)
+            pump.join(timeout=1 if stopping.is_set() else 5)
     if not stopping.is_set():
         say(f"flower-superlink exited by itself (code {proc.returncode}); see {_log_path(opts)}", file=sys.stderr)
         return 1
-    say("server stopped")
-    return 0
+    say(
+        "edgetune: interrupted; server stopped with every process it started (a run in progress is marked "
+        "interrupted and continues when the server and `edgetune run` are started again)",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED
+
+
+def _register(opts: ServerOptions, say) -> None:
+    client = control_client(opts.control_address, None if opts.tls is None else opts.tls.ca_cert)
+    try:
+        for line in register_devices(client, opts.device_keys):
+            say(line)
+    finally:
+        client.close()

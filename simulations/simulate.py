@@ -22,19 +22,18 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgetune import wire
 from edgetune.config import RunConfig
-from edgetune.processes import forward_signals
+from edgetune.processes import stop_on_signals
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
 
-__all__ = ["SimulationError", "SimulationInterrupted", "run_apps", "simulate", "stop_on_signals"]
+__all__ = ["SimulationError", "SimulationInterrupted", "run_apps", "simulate"]
 
 
 class SimulationError(RuntimeError):
@@ -43,27 +42,6 @@ class SimulationError(RuntimeError):
 
 class SimulationInterrupted(SimulationError):
     """Ctrl-C or SIGTERM stopped the run; ``status.json`` says ``interrupted`` and the last round."""
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """The first SIGINT or SIGTERM sets ``stop``; a second one raises KeyboardInterrupt at once.
-
-    Without this, the first Ctrl-C lands in Flower's simulation loop while the ServerApp
-    thread waits on, and the process hangs until a second Ctrl-C. Only the main thread can
-    install handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt  # the second signal: give up waiting
-        stop.set()  # the run ends at the server's next poll; simulate() reports it in one line
-
-    with forward_signals(on_signal):
-        yield
 
 
 class _DropDeprecationNotice(logging.Filter):
@@ -84,7 +62,8 @@ def run_apps(
     """``run_simulation`` with edgetune's backend: one Ray actor owning all cores; Ray always shut down.
 
     With ``stop``, Ray is started here (as Flower would start it) and then SIGINT and SIGTERM
-    only set ``stop`` (:func:`stop_on_signals`): Ray's own SIGTERM handler, installed by
+    only set ``stop`` (``edgetune.processes.stop_on_signals``; a second one raises
+    KeyboardInterrupt): Ray's own SIGTERM handler, installed by
     ``ray.init``, would otherwise end the process with stack dumps and ``status.json``
     still ``running``.
     """

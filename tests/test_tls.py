@@ -151,3 +151,7 @@ def test_server_log_lines_for_people(tmp_path: Path) -> None:
     assert f"fingerprint {fingerprint(key)}" in (describe_line(refused) or "")
     assert describe_line("INFO : [Fleet.ActivateNode] Activated node_id=42") == "device connected (node 42)"
     assert describe_line("INFO : ControlServicer.ListNodes") is None
+    # A stopped run's ServerApp calling in once more is expected: the log file keeps it, the console does not.
+    stopped = "ERROR :     [/v1/runtime/get-nodes][ApiError:1008] Runtime task-token authentication failed."
+    assert describe_line(stopped) is None
+    assert describe_line("ERROR :     the database is locked") == "ERROR :     the database is locked"

@@ -14,16 +14,19 @@ edgetune audit RUN                     privacy audit report of a run
 edgetune eval RUN                      does federation help? answers vs base model and baselines
 edgetune <command> --help
 
-Exit codes: 0 success, 1 the job failed, 2 bad input (config, path, flag).
+Exit codes: 0 success, 1 the job failed, 2 bad input (config, path, flag), 130 stopped by
+Ctrl-C or SIGTERM (simulate, run, server, device join: one line, the run folder ``interrupted``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from edgetune.cli import audit, deploy, distill, eval, export, rag, simulate
 from edgetune.config import ConfigError
+from edgetune.processes import EXIT_INTERRUPTED
 
 __all__ = ["main"]
 
@@ -44,7 +47,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except ConfigError as err:
         print(f"edgetune: {err}", file=sys.stderr)
         return 2
+    if code == EXIT_INTERRUPTED:
+        # A signal stopped the job: its one line is printed, the run folder's status, the
+        # checkpoints and the child processes are settled. The interpreter's own
+        # finalisation (collecting torch's, gRPC's and Ray's objects) takes 2-8 s on a loaded
+        # machine, which a user who pressed Ctrl-C should not wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -288,7 +288,8 @@ def _register_run(sub: argparse._SubParsersAction) -> None:
         description="Build the app bundle with the whole run config, submit it to the server's Control API, and "
         "print one line per round (held-out loss, bytes up/down, replies) from the run folder. Exits 0 only if "
         "the run completed. If the server restarts mid-run, the run is submitted again and resumes from its last "
-        "completed round; Ctrl-C stops the run (the same command continues it).",
+        "completed round; Ctrl-C stops the run within 10 s, marks its run folder interrupted "
+        "and exits 130 (the same command continues it).",
     )
     defaults = to_flat(RunConfig())
     p.add_argument(
@@ -346,6 +347,7 @@ def _round_line(row: dict) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edgetune.models import ModelError, resolve_base
+    from edgetune.processes import EXIT_INTERRUPTED
     from edgetune.server.checkpoint import footprint
     from edgetune.server.metrics import plot_run, read_metrics, summary_table, time_table
     from edgetune.server.submit import FollowOptions, submit_and_follow
@@ -374,6 +376,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - the Control API's errors reach the user as one line
         print(f"edgetune: could not submit to {args.server}: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    if outcome.status == "interrupted":
+        print(
+            f"edgetune: interrupted; round {outcome.last_round} is the last completed; "
+            "continue with the same `edgetune run` command",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     if not outcome.ok:
         print(f"edgetune: run {outcome.status}: {outcome.detail}", file=sys.stderr)
         return 1

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from edgetune import wire
 from edgetune.config import CODECS, RunConfig, from_flat, parse_overrides, read_run_config, to_flat
+from edgetune.processes import EXIT_INTERRUPTED
 
 __all__ = ["SIMULATE_FLAGS", "config_from_args", "register"]
 
@@ -127,11 +127,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         simulate(cfg, verbose=args.verbose, ray_address=args.ray_address)
     except SimulationInterrupted as err:
         print(f"edgetune: {err}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # Status and checkpoint are on disk and Ray is shut down; the interpreter's own
-        # finalisation (Ray's C++ core) takes 3-8 s on a loaded machine, which a user who
-        # pressed Ctrl-C should not wait for. 130: the shell's code for "stopped by a signal".
-        os._exit(130)
+        return EXIT_INTERRUPTED  # status and checkpoint are on disk, Ray is shut down
     except SimulationError as err:
         print(f"edgetune: {err}", file=sys.stderr)
         return 1
