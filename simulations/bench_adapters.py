@@ -56,9 +56,10 @@ def _peak_rss_child(flat: dict[str, object], queue: multiprocessing.Queue) -> No
     from edgetune.client.train import train_local
     from edgetune.datasets.devices import tokenized_device
     from edgetune.lm import pad_id
+    from edgetune.precision import resolve_run
 
-    cfg = from_flat(flat)
-    model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize)
+    cfg = resolve_run(from_flat(flat))  # train.precision=auto -> bf16 or fp32 for this CPU, as a device does
+    model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize, cfg.train.precision)
     data = tokenized_device(cfg.data, "", 0, cfg.federation.num_devices, cfg.seed, tokenizer)
     batches = iterate_batches(data.train, cfg.train.batch_size, cfg.train.local_steps, cfg.seed, pad_id(tokenizer))
     stats = train_local(model, batches, cfg.train)

@@ -9,7 +9,7 @@ import torch
 from edgetune.adapters.lora import attach_lora, get_adapter
 from edgetune.config import ConfigError, LoraConfig, from_flat
 from edgetune.models import load_base
-from edgetune.quantize import QuantizeError, quantize_model
+from edgetune.quantize import LeanQuantizedLinear, QuantizeError, quantize_model
 
 
 def test_int8_base_trains_lora_one_step(tiny_tokenizer) -> None:
@@ -27,6 +27,46 @@ def test_int8_base_trains_lora_one_step(tiny_tokenizer) -> None:
     torch.optim.SGD(params, lr=0.1).step()
     after = get_adapter(peft_model)
     assert any(not torch.equal(after[k], before[k]) for k in after if ".lora_B." in k)
+
+
+def _saved_tensors(model, ids: torch.Tensor, precision: str) -> tuple[list[tuple[tuple[int, ...], torch.dtype]], dict]:
+    """Shapes and dtypes autograd saves in one forward pass, and the adapter's gradients."""
+    from edgetune.lm import autocast
+
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), autocast(precision):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return saved, grads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_int8_training_keeps_no_dequantised_weight_copies(tiny_tokenizer, monkeypatch, precision: str) -> None:
+    """Autograd saves no de-quantised (out, in) weight; the gradients equal torchao's own path's."""
+    model, _ = load_base("tiny", "int8")
+    assert isinstance(model.model.layers[0].mlp.down_proj, LeanQuantizedLinear)
+    peft_model = attach_lora(model, LoraConfig(rank=4))
+    weight_shapes = {(64, 64), (32, 64), (64, 32), (128, 64), (64, 128)}  # the tiny Llama's Linears, either way
+    ids = tiny_tokenizer("int8 base, no copies", return_tensors="pt").input_ids
+    saved, grads = _saved_tensors(peft_model, ids, precision)
+    assert saved and not [s for s in saved if s[0] in weight_shapes]
+    monkeypatch.setattr(LeanQuantizedLinear, "forward", torch.nn.Linear.forward)  # torchao's linear as is
+    saved_plain, plain_grads = _saved_tensors(peft_model, ids, precision)
+    # One fp32 copy per quantised Linear whose input needs a gradient: all 14 but layer 0's q, k, v.
+    assert len([s for s in saved_plain if s[0] in weight_shapes]) == 11
+    assert grads.keys() == plain_grads.keys() and len(grads) == 14
+    # The same maths, summed in another order: fp32 rounding (2^-24 relative per step, a few
+    # hundred terms), bf16 rounding (2^-8) where the matmuls run in bf16.
+    rel = 1e-4 if precision == "fp32" else 2e-2
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=rel, atol=rel * float(plain_grads[name].abs().max()))
 
 
 def test_int8_logits_stay_close_to_fp32(tiny_tokenizer) -> None:
