@@ -67,6 +67,7 @@ class _Round:
     def __init__(self, fed: Federation, round_: int, spec: RoundSpec) -> None:
         self.fed, self.round, self.spec = fed, round_, spec
         self.adverts: dict[int, tuple[bytes, bytes]] = {}  # node -> (signer, advertisement signature)
+        self.errors: list[str] = []  # error replies, one line each (e.g. a device refusing the roster)
         self.report: dict[str, Any] = {
             "k": spec.k,
             "bits": spec.bits,
@@ -100,7 +101,9 @@ class _Round:
             if node in messages and not reply.has_error() and wire.SECAGG in reply.content.config_records:
                 answered[node] = reply
             elif reply.has_error():
-                log.warning("round %d: secagg %s: node %d: %s", self.round, stage, node, reply.error.reason)
+                reason = " ".join(str(reply.error.reason).split())
+                log.warning("round %d: secagg %s: node %d: %s", self.round, stage, node, reason)
+                self.errors.append(f"secagg {stage}, node {node}: {reason}")
         self.report["stage_bytes_down"][stage] = down
         self.report["stage_bytes_up"][stage] = sum(_content_bytes(r.content) for r in answered.values())
         self.report["stage_seconds"][stage] = time.perf_counter() - start
@@ -263,7 +266,8 @@ def secagg_round(fed: Federation, round_: int, m: RoundMetrics, chosen: list[int
 
 
 def _account(r: _Round, m: RoundMetrics) -> None:
-    """Bytes and bits per parameter each way from the stage counts."""
+    """Bytes and bits per parameter each way from the stage counts; the stages' error replies."""
+    m.rejected.extend(r.errors)
     up, down = sum(r.report["stage_bytes_up"].values()), sum(r.report["stage_bytes_down"].values())
     m.bytes_up += up
     m.bytes_down += down

@@ -352,3 +352,4 @@ def test_devices_refuse_a_roster_with_a_device_the_server_invented(tmp_path, ser
     assert len(refusals) == 3
     reason = "refusing round 1: node 999's key advertisement is not signed by a registered device"
     assert all(reason in m for m in refusals)
+    assert sum(reason in r for r in row["rejected"]) == 3  # and in metrics.jsonl, one line each
