@@ -95,9 +95,14 @@ class _Round:
         timeout = None if self.fed.simulated else self.fed.cfg.federation.reply_timeout
         replies = exchange(self.fed.grid, list(messages.values()), timeout, f"round {self.round} secagg {stage}")
         answered: dict[int, Message] = {}
+        # The grid set each message's id when it pushed it; the SuperLink's own error reply
+        # for an unavailable node names the SuperLink as its source, so go by the request.
+        sent_to = {msg.metadata.message_id: n for n, msg in messages.items()}
         for reply in replies:
             record_uplink(self.fed.run_dir, self.round, f"secagg-{stage}", reply)
             node = reply.metadata.src_node_id
+            if reply.has_error():
+                node = sent_to.get(reply.metadata.reply_to_message_id, node)
             if node in messages and not reply.has_error() and wire.SECAGG in reply.content.config_records:
                 answered[node] = reply
             elif reply.has_error():
