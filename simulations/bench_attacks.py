@@ -273,12 +273,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--aggregators", default=",".join(AGGREGATORS), metavar="NAME,...", help="comma list (default: all)"
     )
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="conversations per step (default: 8)")
     parser.add_argument("--partition", default="iid", metavar="KIND", help="data.partition (default: iid)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {
         **federation_settings(args),
+        "train.batch-size": args.batch_size,
         "data.partition": args.partition,
         "data.max-eval-examples": 8,
         "data.max-length": 128,
