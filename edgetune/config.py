@@ -499,6 +499,13 @@ def _check_adapter_kind(cfg: RunConfig) -> None:
         kind,
         f"needs an unquantised base (DoRA takes row norms of the base weights; model.quantize={cfg.model.quantize})",
     )
+    _check(
+        not (kind == "binary" and cfg.federation.codec == "1bit"),
+        "lora.kind",
+        kind,
+        "needs federation.codec=fp16 or fp32: a 1-bit-coded latent B has one magnitude per column, so its"
+        " signs after a round are decided column by column (measured: divergence; docs/adapters.md)",
+    )
 
 
 def _check_secagg(cfg: RunConfig) -> None:

@@ -4,8 +4,9 @@
     python -m edgetune.simulations.bench_adapters --variants lora-r8,binary-r8     # some (others kept)
     python -m edgetune.simulations.bench_adapters --base tiny --devices 2 --rounds 1 --steps 1
 
-Every variant is one simulation with the same devices, seeds, rounds, local steps and codec;
-only ``lora.*`` / ``model.quantize`` differ:
+Every variant is one simulation with the same devices, seeds, rounds, local steps and codec
+(1-bit), except that binary adapters exchange their latent B through fp16 (they refuse the
+1-bit codec; docs/adapters.md); otherwise only ``lora.*`` / ``model.quantize`` differ:
 
     lora-r8 (today's default), lora-r32, dora-r8, binary-r8, binary-r16,
     lora-r8-int8 (int8 base), lora-r8-int4 (int4 base: fails in one line on a CPU without
@@ -40,13 +41,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lora-r8": {"lora.rank": 8},
     "lora-r32": {"lora.rank": 32},
     "dora-r8": {"lora.rank": 8, "lora.kind": "dora"},
-    "binary-r8": {"lora.rank": 8, "lora.kind": "binary"},
-    "binary-r16": {"lora.rank": 16, "lora.kind": "binary"},
+    "binary-r8": {"lora.rank": 8, "lora.kind": "binary", "federation.codec": "fp16"},
+    "binary-r16": {"lora.rank": 16, "lora.kind": "binary", "federation.codec": "fp16"},
     "lora-r8-int8": {"lora.rank": 8, "model.quantize": "int8"},
     "lora-r8-int4": {"lora.rank": 8, "model.quantize": "int4"},
 }
 REFERENCE = "lora-r8"
-_PER_VARIANT = {"run-dir", "lora.rank", "lora.kind", "model.quantize"}
+_PER_VARIANT = {"run-dir", "lora.rank", "lora.kind", "model.quantize", "federation.codec"}
 
 
 def _peak_rss_child(flat: dict[str, object], queue: multiprocessing.Queue) -> None:

@@ -15,11 +15,12 @@ from edgetune.adapters.peft_io import load_adapter
 from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from edgetune.server.metrics import read_metrics
 from edgetune.simulations.simulate import simulate
+from edgetune.types import Codec
 
 pytestmark = pytest.mark.e2e
 
 
-def _run(tmp_path: Path, lora: LoraConfig, quantize: str = "none") -> tuple[Path, list[dict]]:
+def _run(tmp_path: Path, lora: LoraConfig, quantize: str = "none", codec: Codec = "1bit") -> tuple[Path, list[dict]]:
     cfg = RunConfig(
         seed=3,
         run_dir=str(tmp_path / "run"),
@@ -27,7 +28,7 @@ def _run(tmp_path: Path, lora: LoraConfig, quantize: str = "none") -> tuple[Path
         lora=lora,
         data=DataConfig(max_length=128, max_eval_examples=8),
         train=TrainConfig(local_steps=2, batch_size=4, precision="fp32"),
-        federation=FederationConfig(rounds=2, num_devices=2),
+        federation=FederationConfig(rounds=2, num_devices=2, codec=codec),
     )
     run_dir = simulate(cfg)
     rows = read_metrics(run_dir)
@@ -45,7 +46,7 @@ def test_dora_federates_two_rounds(tmp_path: Path) -> None:
 
 
 def test_binary_adapter_federates_two_rounds(tmp_path: Path) -> None:
-    run_dir, rows = _run(tmp_path, LoraConfig(rank=4, kind="binary"))
+    run_dir, rows = _run(tmp_path, LoraConfig(rank=4, kind="binary"), codec="fp16")
     # Latent FedAvg is exact; what binarising the mean costs is measured and > 0.
     assert all(m["aggregation_error"] is not None and m["aggregation_error"] > 0 for m in rows[1:])
     folder = run_dir / wire.ADAPTER_DIR

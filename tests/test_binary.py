@@ -159,7 +159,9 @@ def test_saved_binary_run_adapter_loads_in_plain_peft(tmp_path: Path, tiny_shape
 
 
 def test_lora_kind_is_validated() -> None:
-    assert from_flat({"lora.kind": "binary"}).lora.kind == "binary"
+    assert from_flat({"lora.kind": "binary", "federation.codec": "fp16"}).lora.kind == "binary"
+    with pytest.raises(ConfigError, match="lora.kind='binary': needs federation.codec=fp16 or fp32"):
+        from_flat({"lora.kind": "binary"})  # the 1-bit default: signs decided per column, diverged
     with pytest.raises(ConfigError, match="lora.kind='ternary'"):
         from_flat({"lora.kind": "ternary"})
 
