@@ -206,7 +206,7 @@ def _connect_when_back(opts: FollowOptions, stopping, say):
     return None
 
 
-def _interrupted(client, run_id: int | None, run_dir: Path, hurry) -> tuple[str, int | None]:
+def _interrupted(client, run_id: int | None, run_dir: Path, hurry: threading.Event) -> tuple[str, int | None]:
     """After Ctrl-C: stop the run on the server and wait (up to ``STOP_WAIT`` s, or until a
     second signal) for its ServerApp to mark the run folder; (how it ended, last round).
 
@@ -241,7 +241,14 @@ def submit_and_follow(cfg: RunConfig, opts: FollowOptions, on_round: Callable[[d
         return _follow(cfg, opts, on_round, say, stopping, hurry)
 
 
-def _follow(cfg: RunConfig, opts: FollowOptions, on_round, say, stopping, hurry) -> RunOutcome:
+def _follow(
+    cfg: RunConfig,
+    opts: FollowOptions,
+    on_round: Callable[[dict], None],
+    say: Callable[..., None],
+    stopping: threading.Event,
+    hurry: threading.Event,
+) -> RunOutcome:
     run_dir = Path(cfg.run_dir)
     fab = build_fab(cfg)
     status_file = run_dir / wire.STATUS_FILE
