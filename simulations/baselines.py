@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from peft import PeftModel
+from tqdm import tqdm
 
 from edgetune.adapters.lora import get_adapter, set_adapter
 from edgetune.chat import Batch, Example, iterate_batches
@@ -83,9 +84,18 @@ def _counted(batches: Iterator[Batch], tally: list[int]) -> Iterator[Batch]:
 
 
 def train_adapter(
-    model: PeftModel, start: StateDict, examples: Sequence[Example], steps: int, cfg: RunConfig, seed: int, pad_id: int
+    model: PeftModel,
+    start: StateDict,
+    examples: Sequence[Example],
+    steps: int,
+    cfg: RunConfig,
+    seed: int,
+    pad_id: int,
+    desc: str = "",
 ) -> Trained:
     """``steps`` local AdamW steps of ``cfg.train`` from ``start`` on ``examples``.
+
+    A non-empty ``desc`` labels a progress bar over the steps (on the console's stderr).
 
     Raises:
         ValueError: ``steps`` is negative, or ``examples`` is empty while ``steps`` > 0.
@@ -97,7 +107,9 @@ def train_adapter(
     set_adapter(model, start)
     tally = [0, 0]
     batches = _counted(iterate_batches(examples, cfg.train.batch_size, steps, seed, pad_id), tally)
-    stats = train_local(model, batches, dataclasses.replace(cfg.train, local_steps=steps))
+    bar = tqdm(batches, total=steps, desc=desc, unit="step", leave=False, disable=not desc)
+    stats = train_local(model, iter(bar), dataclasses.replace(cfg.train, local_steps=steps))
+    bar.close()
     return Trained(get_adapter(model), tally[0], tally[1], stats.loss)
 
 
@@ -106,7 +118,7 @@ def local_only(
 ) -> Trained:
     """One device trains alone on its own training split for ``steps`` steps."""
     seed = baseline_seed(cfg.seed, "local-only", device.name)
-    return train_adapter(model, start, device.train, steps, cfg, seed, pad_id)
+    return train_adapter(model, start, device.train, steps, cfg, seed, pad_id, f"local-only {device.name}")
 
 
 def centralised(
@@ -114,7 +126,8 @@ def centralised(
 ) -> Trained:
     """One adapter on the union of every device's training split (device order), ``steps`` steps."""
     pooled = [example for device in devices for example in device.train]
-    return train_adapter(model, start, pooled, steps, cfg, baseline_seed(cfg.seed, "centralised", "*"), pad_id)
+    seed = baseline_seed(cfg.seed, "centralised", "*")
+    return train_adapter(model, start, pooled, steps, cfg, seed, pad_id, "centralised")
 
 
 def personalised(
@@ -122,4 +135,4 @@ def personalised(
 ) -> Trained:
     """The global adapter fine-tuned for ``steps`` more steps on one device's training split."""
     seed = baseline_seed(cfg.seed, "personalised", device.name)
-    return train_adapter(model, global_state, device.train, steps, cfg, seed, pad_id)
+    return train_adapter(model, global_state, device.train, steps, cfg, seed, pad_id, f"personalised {device.name}")
