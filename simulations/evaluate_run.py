@@ -105,6 +105,7 @@ def evaluate_run(
         EvalError: baselines asked for a run that recorded no accepted training reply.
     """
     start_time = time.perf_counter()
+    cfg = resolve_run(cfg)  # the precision the run's devices used on this CPU (never ``auto``)
     data = cfg.data if data_source is None else dataclasses.replace(cfg.data, source=data_source)
     n, ev = cfg.federation.num_devices, cfg.eval
     model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize)

@@ -146,7 +146,9 @@ def test_eval_of_a_two_round_tiny_run_writes_table_json_and_plot(tmp_path: Path)
     settings += ["eval.max-new-tokens=4", "eval.bootstrap=50"]
     assert main(["simulate", *tiny, "--run-dir", str(run), *[a for s in settings for a in ("--set", s)]]) == 0
     # eval.enabled: the simulation ended with the base-vs-global evaluation
-    assert json.loads((run / wire.EVAL_JSON).read_text())["variants"] == ["base", "global"]
+    after_run = json.loads((run / wire.EVAL_JSON).read_text())
+    assert after_run["variants"] == ["base", "global"]
+    assert after_run["settings"]["precision"] in ("bf16", "fp32")  # resolved as the devices did, never "auto"
     assert main(["eval", str(run), "--baselines", "--max-new-tokens", "4", "--bootstrap", "50"]) == 0
     results = json.loads((run / wire.EVAL_JSON).read_text())
     assert (run / wire.EVAL_PLOT).stat().st_size > 0
