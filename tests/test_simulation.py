@@ -327,9 +327,14 @@ def test_ctrl_c_stops_within_10_s_and_resume_equals_the_uninterrupted_run(
 
 def test_two_cpu_bound_processes_beside_the_run_change_nothing(completed_run: RunConfig, tmp_path: Path) -> None:
     """A simulation's result does not depend on how busy the machine is: the same run with two
-    busy loops beside it (on a two-core machine: every core taken) ends on the same adapter."""
+    busy loops beside it (on a two-core machine: every core taken) ends on the same adapter.
+
+    The loops run at the niceness Ray gives its workers (15): at 0 they would starve the
+    simulation's actor (about 3% of a core) and the test would take many minutes.
+    """
     cfg = dataclasses.replace(completed_run, run_dir=str(tmp_path / "busy"))
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    busy = "import os; os.nice(15)\nwhile True: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(2)]
     try:
         assert simulate(cfg) == Path(cfg.run_dir)
     finally:
