@@ -266,6 +266,14 @@ def _follow(
         saved = _run_status(run_dir)  # it ended on its own just before the stop reached it
         return outcome(status, saved.get("error", ""))
 
+    def reconnect(old, failure: str):
+        """``(client, None)`` once the server answers again, else ``(None, the outcome to return)``."""
+        old.close()
+        back = _connect_when_back(opts, stopping.is_set, say)
+        if back is not None:
+            return back, None
+        return None, (stop(None) if stopping.is_set() else outcome("failed", failure))
+
     if stopping.is_set():  # Ctrl-C while the bundle was being built
         return stop(None)
     client = control_client(opts.control_address, opts.ca_cert)
@@ -274,12 +282,9 @@ def _follow(
     except Exception as err:  # noqa: BLE001 - not up yet (or a wrong address: the wait below says so)
         if not _is_outage(err):
             raise
-        client.close()
-        client = _connect_when_back(opts, stopping.is_set, say)
-        if client is None:
-            if stopping.is_set():
-                return stop(None)
-            return outcome("failed", f"no server answered at {opts.control_address}")
+        client, ended = reconnect(client, f"no server answered at {opts.control_address}")
+        if ended is not None:
+            return ended
         run_ids.append(_start(client, fab))
     say(f"submitted run {run_ids[-1]} ({len(fab) / 1024:.0f} KiB bundle); run folder {run_dir}")
     rounds = _Rounds(run_dir, lambda row: None if stopping.is_set() else on_round(row))
@@ -296,13 +301,9 @@ def _follow(
         except Exception as err:  # noqa: BLE001 - the server is unreachable: it may be restarting
             if not _is_outage(err):
                 raise
-            client.close()
-            back = _connect_when_back(opts, stopping.is_set, say)
-            if back is None:
-                if stopping.is_set():
-                    return stop(None)
-                return outcome("failed", f"the server at {opts.control_address} did not come back")
-            client = back
+            client, ended = reconnect(client, f"the server at {opts.control_address} did not come back")
+            if ended is not None:
+                return ended
             _stop(client, run_ids[-1])
             run_ids.append(_start(client, fab))
             say(f"server is back: resubmitted as run {run_ids[-1]}; it resumes from the last completed round")
