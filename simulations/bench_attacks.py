@@ -2,7 +2,7 @@
 
     python -m edgetune.simulations.bench_attacks --base tiny --devices 5 --rounds 1   # smoke test
     flock /tmp/edgetune-heavy.lock nice -n 5 python -m edgetune.simulations.bench_attacks \\
-        --base smollm2 --devices 10 --rounds 2 --steps 2 --fractions 0,0.2 --attacks sign-flip,alie
+        --base smollm2 --devices 5 --rounds 2 --steps 2 --batch-size 4 --fractions 0,0.2 --codec fp16
 
 The federation runs in this process over :class:`AttackGrid` (the real ClientApp handlers,
 no Ray), so a run costs only its training. Devices ``0..k-1`` (k = round(f n)) are malicious
@@ -275,6 +275,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="conversations per step (default: 8)")
     parser.add_argument("--partition", default="iid", metavar="KIND", help="data.partition (default: iid)")
+    parser.add_argument(
+        "--codec",
+        default="1bit",
+        choices=("1bit", "fp16", "fp32"),
+        help="exchange codec, both ways (default: 1bit, which caps the applied update's cosine with the"
+        " honest mean near 0.83 even with no attacker; fp16 shows the aggregator alone)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **federation_settings(args),
         "train.batch-size": args.batch_size,
         "data.partition": args.partition,
+        "federation.codec": args.codec,
         "data.max-eval-examples": 8,
         "data.max-length": 128,
     }
