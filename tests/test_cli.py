@@ -137,7 +137,12 @@ def test_run_refuses_a_base_that_is_no_model_before_submitting(
 
 def test_importing_the_device_and_server_code_prints_nothing() -> None:
     """A quiet console: optional dependencies' import-time warnings (torchao's CUDA kernels on a
-    CPU-only torch, torch's pytree deprecation note) stay out of every process, Ray actors too."""
-    code = "import edgetune.client.app, edgetune.server.app, torchao.quantization"
+    CPU-only torch, torch's pytree deprecation notes, the second as torch.export's copies of a
+    pytree spec raise it) stay out of every process, Ray actors too."""
+    code = (
+        "import edgetune.client.app, edgetune.server.app, torchao.quantization, copy\n"
+        "from torch.utils._pytree import LeafSpec\n"
+        "copy.deepcopy(LeafSpec())"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout == "" and done.stderr == ""
