@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -105,8 +106,14 @@ class ExportFormat(Protocol):
         ...
 
 
-def stage_printer(seconds: dict[str, float], print_fn: Callable[[str], None] = print) -> Stage:
+def stage_printer(
+    seconds: dict[str, float], print_fn: Callable[[str], None] = print, warned: list[str] | None = None
+) -> Stage:
     """Make the ``stage`` context manager: numbered lines with wall times, recorded in ``seconds``.
+
+    Python warnings raised inside a stage (transformers', torch.export's and ExecuTorch's notes
+    about their own internals) do not reach the console: each distinct one is appended to
+    ``warned`` as ``"stage: Category: message"`` (dropped when ``warned`` is None).
 
     Example:
         >>> times = {}
@@ -120,7 +127,13 @@ def stage_printer(seconds: dict[str, float], print_fn: Callable[[str], None] = p
         number = f"[{STAGES.index(name) + 1}/{len(STAGES)}]" if name in STAGES else "[-]"
         print_fn(f"{number} {name} ...")
         start = time.perf_counter()
-        yield
+        with warnings.catch_warnings(record=True) as caught:  # the filters in force still apply
+            yield
+        if warned is not None:
+            for w in caught:
+                line = f"{name}: {w.category.__name__}: {str(w.message).splitlines()[0]}"
+                if line not in warned:
+                    warned.append(line)
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
         print_fn(f"{number} {name} done in {seconds[name]:.1f} s")
 

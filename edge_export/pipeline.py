@@ -39,6 +39,7 @@ from edgetune.edge_export.options import (
     Stage,
     stage_printer,
 )
+from edgetune.fileio import atomic_write_text
 
 __all__ = [
     "FLOAT_TYPES",
@@ -59,6 +60,8 @@ FORMATS: dict[str, ExportFormat] = {
     m.FORMAT.name: m.FORMAT for m in (executorch_export, onnx_export, ort_training, gguf_export)
 }
 """Format name (the ``--format`` choice) -> format object, in ``--help`` order."""
+WARNINGS_FILE = "warnings.txt"
+"""Beside the artefact: the libraries' Python warnings the stages kept out of the console."""
 
 
 def formats() -> dict[str, ExportFormat]:
@@ -188,7 +191,8 @@ def run_export(
     if check_options is not None:  # optional: reject a bad choice before the model loads
         check_options(opts)
     seconds: dict[str, float] = {}
-    stage = stage_printer(seconds, print_fn)
+    warned: list[str] = []
+    stage = stage_printer(seconds, print_fn, warned)
     # ort-training keeps the adapter as LoRA tensors the device goes on training: attach, don't merge.
     keeps_adapter = getattr(fmt, "keeps_adapter", False)
     model, tokenizer = load_merged(base, None if keeps_adapter else adapter, stage)
@@ -199,6 +203,10 @@ def run_export(
         artefact = fmt.export(model, tokenizer, opts, stage)
     print_fn(f"artefact: {artefact} ({_size_mib(artefact):.1f} MiB)")
     report = _parity_stage(fmt, artefact, model, tokenizer, opts, new_tokens, stage, print_fn) if check_parity else None
+    if warned:
+        notes = opts.out / WARNINGS_FILE
+        atomic_write_text(notes, "\n".join(warned) + "\n")
+        print_fn(f"{len(warned)} library warning(s) kept out of the console: {notes}")
     return ExportResult(artefact=artefact, parity=report, seconds=seconds)
 
 

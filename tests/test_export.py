@@ -7,6 +7,7 @@ Core ML lowerings use a one-layer copy and are marked ``slow``.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,20 @@ def test_eager_generate_is_plain_argmax_through_eos() -> None:
         sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
     model.generation_config.eos_token_id = sequence[len(ids)]  # the first greedy token is "EOS"
     assert parity.EagerRunner(model).generate(ids, 6) == sequence[len(ids) :]
+
+
+def test_stage_keeps_library_warnings_off_the_console(capsys: pytest.CaptureFixture[str]) -> None:
+    lines: list[str] = []
+    warned: list[str] = []
+    stage = stage_printer({}, lines.append, warned)
+    with stage("lower"):
+        for _ in range(3):
+            warnings.warn("a note about a library's internals\nsecond line", UserWarning, stacklevel=1)
+    with stage("parity"):
+        warnings.warn("another", FutureWarning, stacklevel=1)
+    assert warned == [
+        "lower: UserWarning: a note about a library's internals",
+        "parity: FutureWarning: another",
+    ]
+    assert lines == ["[4/6] lower ...", lines[1], "[6/6] parity ...", lines[3]]
+    assert capsys.readouterr().err == ""
