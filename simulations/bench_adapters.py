@@ -18,7 +18,8 @@ training tokens/s (all devices' tokens over their training seconds), the deploye
 size on disk (fp16 PEFT ``adapter_model.safetensors`` for LoRA and DoRA; the packed 1-bit file
 for binary) beside the fp16 LoRA adapter of the same rank, and the peak RSS of a device
 process: a fresh process that loads the base (quantised as chosen), attaches the adapter and
-trains ``--steps`` steps on device 0's data, as one device would (``ru_maxrss``).
+trains ``--steps`` steps on device 0's data, as one device would (its ``VmHWM``; also read
+once the model has loaded, so the table shows how much of the peak loading alone reaches).
 
 Each variant's result goes to ``--out/<variant>/summary.json``; a run only redoes the variants
 it names (``--variants``), and every run prints the table over all summaries in ``--out``,
@@ -28,6 +29,7 @@ writes ``result.json`` and ``adapters.png``, and ends with one JSON line.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import resource
 import shutil
@@ -51,7 +53,8 @@ _PER_VARIANT = {"run-dir", "lora.rank", "lora.kind", "model.quantize", "federati
 
 
 def _peak_rss_child(flat: dict[str, object], queue: multiprocessing.Queue) -> None:
-    """In a fresh process: load, attach, train K steps as device 0; report ru_maxrss (MiB)."""
+    """In a fresh process: load, attach, train K steps as device 0; report its peak RSS (MiB)
+    after the imports, after the model loaded, and after training (the device's peak)."""
     from edgetune.adapters.lora import device_model
     from edgetune.chat import iterate_batches
     from edgetune.client.train import train_local
@@ -59,23 +62,36 @@ def _peak_rss_child(flat: dict[str, object], queue: multiprocessing.Queue) -> No
     from edgetune.lm import pad_id
     from edgetune.precision import resolve_run
 
+    def high_water() -> float:
+        """VmHWM: this process's own peak. (Linux carries ru_maxrss over exec, so a spawned
+        child's ru_maxrss starts at its parent's RSS.)"""
+        status = Path("/proc/self/status")
+        if status.exists():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    imports = high_water()
     cfg = resolve_run(from_flat(flat))  # train.precision=auto -> bf16 or fp32 for this CPU, as a device does
     model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize, cfg.train.precision)
+    loaded = high_water()
     data = tokenized_device(cfg.data, "", 0, cfg.federation.num_devices, cfg.seed, tokenizer)
     batches = iterate_batches(data.train, cfg.train.batch_size, cfg.train.local_steps, cfg.seed, pad_id(tokenizer))
-    stats = train_local(model, batches, cfg.train)
-    queue.put({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": stats.loss})
+    train_local(model, batches, cfg.train)
+    queue.put({"imports_rss_mib": imports, "load_peak_rss_mib": loaded, "peak_rss_mib": high_water()})
 
 
-def peak_rss(cfg: RunConfig) -> float:
-    """Peak RSS (MiB) of a fresh device process for ``cfg`` (spawned, so nothing is shared)."""
+def peak_rss(cfg: RunConfig) -> dict[str, float]:
+    """Peak RSS (MiB) of a fresh device process for ``cfg`` (spawned, so nothing is shared):
+    ``imports_rss_mib``, ``load_peak_rss_mib`` (once the model is loaded) and ``peak_rss_mib``."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_child, args=(to_flat(cfg), queue))
     proc.start()
     result = queue.get()
     proc.join()
-    return float(result["peak_rss_mib"])
+    return {k: float(v) for k, v in result.items()}
 
 
 def adapter_sizes(cfg: RunConfig, run_dir: Path) -> dict[str, int]:
@@ -127,7 +143,7 @@ def run_variant(base: dict[str, object], name: str, out: Path) -> dict[str, obje
             "train_tokens_per_s": sum(m["train_tokens"] for m in train)
             / max(sum(m["train_seconds"] for m in train), 1e-9),
             **adapter_sizes(cfg, run_dir / "run"),
-            "peak_rss_mib": peak_rss(cfg),
+            **peak_rss(cfg),
         }
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     summary["main_cpu_s"] = round(time.process_time() - cpu0, 1)
@@ -141,7 +157,7 @@ def table(summaries: dict[str, dict]) -> str:
     ref_loss = ref.get("eval_loss", [None])[-1]
     lines = [
         f"{'variant':<14}{'loss r0':>9}{'final':>9}{'vs r8':>8}{'up B':>11}{'down B':>11}{'deployed B':>12}"
-        f"{'/fp16':>8}{'tok/s':>8}{'RSS MiB':>9}{'agg err':>9}"
+        f"{'/fp16':>8}{'tok/s':>8}{'load MiB':>9}{'RSS MiB':>9}{'agg err':>9}"
     ]
     for name in VARIANTS:
         s = summaries.get(name)
@@ -156,7 +172,8 @@ def table(summaries: dict[str, dict]) -> str:
         lines.append(
             f"{name:<14}{loss[0]:>9.4f}{loss[-1]:>9.4f}{gap:>8}{s['bytes_up']:>11,}{s['bytes_down']:>11,}"
             f"{s['deployed_bytes']:>12,}{s['deployed_bytes'] / s['fp16_lora_bytes']:>8.4f}"
-            f"{s['train_tokens_per_s']:>8.0f}{s['peak_rss_mib']:>9.0f}{(f'{err:.2e}' if err is not None else '-'):>9}"
+            f"{s['train_tokens_per_s']:>8.0f}{s.get('load_peak_rss_mib', math.nan):>9.0f}{s['peak_rss_mib']:>9.0f}"
+            f"{(f'{err:.2e}' if err is not None else '-'):>9}"
         )
     return "\n".join(lines)
 
