@@ -325,6 +325,39 @@ def test_ctrl_c_stops_within_10_s_and_resume_equals_the_uninterrupted_run(
         assert torch.equal(got[k], expected[k]), k
 
 
+def test_ctrl_c_during_a_long_local_training_stops_within_10_s(tmp_path: Path) -> None:
+    """A device's local steps in flight do not hold the stop up: Flower's engine would wait for
+    them (three minutes of SmolLM2 steps on a busy machine); edgetune stops the device process."""
+    run_dir = tmp_path / "run"
+    flags = ["--base", "tiny", "--set", "data.max-length=128", "--steps", "100000", "--devices", "2", "--rounds", "2"]
+    cli = [str(Path(sys.executable).parent / "edgetune"), "simulate", *flags, "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not read_metrics(run_dir):  # round 0 evaluated: round 1's 100,000 local steps begin
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(2)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert took < 10, f"stopped {took:.1f} s after Ctrl-C"
+    assert out.startswith("edgetune simulate: 2 devices") and "worker" not in out  # Ray's "A worker died ..."
+    assert [line for line in err.splitlines() if "edgetune:" in line or "worker" in line] == [
+        f"edgetune: interrupted; round 0 is the last completed; continue with: edgetune simulate --resume {run_dir}"
+    ], err
+    assert json.loads((run_dir / wire.STATUS_FILE).read_text())["status"] == "interrupted"
+    deadline = time.monotonic() + 10
+    while _session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _session_processes(proc.pid) == []
+
+
 def test_two_cpu_bound_processes_beside_the_run_change_nothing(completed_run: RunConfig, tmp_path: Path) -> None:
     """A simulation's result does not depend on how busy the machine is: the same run with two
     busy loops beside it (on a two-core machine: every core taken) ends on the same adapter.
