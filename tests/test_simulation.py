@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -286,37 +287,49 @@ def _session_processes(sid: int) -> list[str]:
     return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
-def test_ctrl_c_stops_within_10_s_and_resume_equals_the_uninterrupted_run(
-    completed_run: RunConfig, tmp_path: Path
-) -> None:
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during round 2."""
-    run_dir = tmp_path / "run"
-    flags = ["--base", "tiny", "--seed", "7", "--set", "lora.rank=4", "--set", "data.max-length=128"]
-    flags += ["--steps", "2", "--batch-size", "4", "--devices", str(NUM_DEVICES), "--rounds", "50"]
+def _ctrl_c(
+    flags: list[str], run_dir: Path, ready: Callable[[list[dict]], bool], settle: float = 0.0
+) -> tuple[str, str]:
+    """Run ``edgetune simulate FLAGS`` in a session of its own and, once ``ready(metrics rows)``
+    holds (and ``settle`` seconds more), send Ctrl-C as a terminal does (SIGINT to the process
+    group). Checks exit code 130 within 10 s and no process of the session left 10 s later;
+    returns stdout and stderr."""
     cli = [str(Path(sys.executable).parent / "edgetune"), "simulate", *flags, "--run-dir", str(run_dir)]
     proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not any(m["round"] == 1 for m in read_metrics(run_dir)):
+        while not ready(read_metrics(run_dir)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
+        time.sleep(settle)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=120)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err
     assert took < 10, f"stopped {took:.1f} s after Ctrl-C"
-    lines = [line for line in err.splitlines() if line.startswith("edgetune:")]
-    assert lines[-1].startswith("edgetune: interrupted; round ") and "Traceback" not in err, err
-    status = json.loads((run_dir / wire.STATUS_FILE).read_text())
-    assert status["status"] == "interrupted" and 1 <= status["last_round"] < 3, status
     deadline = time.monotonic() + 10  # Ray's actor exits a few seconds after the driver
     while _session_processes(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _session_processes(proc.pid) == []  # no Ray or Flower process left behind
+    return out, err
+
+
+def test_ctrl_c_stops_within_10_s_and_resume_equals_the_uninterrupted_run(
+    completed_run: RunConfig, tmp_path: Path
+) -> None:
+    """Ctrl-C during round 2, then ``--resume``."""
+    run_dir = tmp_path / "run"
+    flags = ["--base", "tiny", "--seed", "7", "--set", "lora.rank=4", "--set", "data.max-length=128"]
+    flags += ["--steps", "2", "--batch-size", "4", "--devices", str(NUM_DEVICES), "--rounds", "50"]
+    _, err = _ctrl_c(flags, run_dir, lambda rows: any(m["round"] == 1 for m in rows))
+    lines = [line for line in err.splitlines() if line.startswith("edgetune:")]
+    assert lines[-1].startswith("edgetune: interrupted; round ") and "Traceback" not in err, err
+    status = json.loads((run_dir / wire.STATUS_FILE).read_text())
+    assert status["status"] == "interrupted" and 1 <= status["last_round"] < 3, status
 
     resumed = dataclasses.replace(completed_run, run_dir=str(run_dir))
     assert simulate(resumed) == run_dir  # rounds may change on resume: 50 -> 3
@@ -330,32 +343,13 @@ def test_ctrl_c_during_a_long_local_training_stops_within_10_s(tmp_path: Path) -
     them (three minutes of SmolLM2 steps on a busy machine); edgetune stops the device process."""
     run_dir = tmp_path / "run"
     flags = ["--base", "tiny", "--set", "data.max-length=128", "--steps", "100000", "--devices", "2", "--rounds", "2"]
-    cli = [str(Path(sys.executable).parent / "edgetune"), "simulate", *flags, "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not read_metrics(run_dir):  # round 0 evaluated: round 1's 100,000 local steps begin
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        time.sleep(2)
-        sent = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-        took = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err
-    assert took < 10, f"stopped {took:.1f} s after Ctrl-C"
+    # round 0 evaluated: round 1's 100,000 local steps begin
+    out, err = _ctrl_c(flags, run_dir, lambda rows: bool(rows), settle=2.0)
     assert out.startswith("edgetune simulate: 2 devices") and "worker" not in out  # Ray's "A worker died ..."
     assert [line for line in err.splitlines() if "edgetune:" in line or "worker" in line] == [
         f"edgetune: interrupted; round 0 is the last completed; continue with: edgetune simulate --resume {run_dir}"
     ], err
     assert json.loads((run_dir / wire.STATUS_FILE).read_text())["status"] == "interrupted"
-    deadline = time.monotonic() + 10
-    while _session_processes(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _session_processes(proc.pid) == []
 
 
 def test_two_cpu_bound_processes_beside_the_run_change_nothing(completed_run: RunConfig, tmp_path: Path) -> None:
