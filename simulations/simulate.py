@@ -111,6 +111,9 @@ def run_apps(
 
     # Ray's notice about a future default; keep today's behaviour and its console quiet.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray starts its workers at niceness 15, so any ordinary job beside the simulation starves
+    # the devices' training; the simulation is the job the user asked for: normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     cpus = os.cpu_count() or 1
     backend: dict[str, dict[str, object]] = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},

@@ -356,11 +356,12 @@ def test_two_cpu_bound_processes_beside_the_run_change_nothing(completed_run: Ru
     """A simulation's result does not depend on how busy the machine is: the same run with two
     busy loops beside it (on a two-core machine: every core taken) ends on the same adapter.
 
-    The loops run at the niceness Ray gives its workers (15): at 0 they would starve the
-    simulation's actor (about 3% of a core) and the test would take many minutes.
+    The loops run at normal priority, as the simulation's devices do (``run_apps`` starts Ray's
+    workers at niceness 0 instead of Ray's 15, under which such loops left the actor about 3%
+    of a core and this test took many minutes).
     """
     cfg = dataclasses.replace(completed_run, run_dir=str(tmp_path / "busy"))
-    busy = "import os; os.nice(15)\nwhile True: pass"
+    busy = "while True: pass"
     hogs = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(2)]
     try:
         assert simulate(cfg) == Path(cfg.run_dir)
