@@ -51,7 +51,7 @@ from edgetune.server.federation import run_federation
 from edgetune.server.metrics import read_metrics
 from edgetune.signing import content_digest, run_tag, sign, simulation_key
 from edgetune.simulations.bench_cli import federation_parser, federation_settings
-from edgetune.types import StateDict
+from edgetune.types import CODECS, StateDict
 
 ATTACKS = ("sign-flip", "scale", "noise", "alie", "backdoor")
 _FIRST_NODE = 100
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--codec",
         default="1bit",
-        choices=("1bit", "fp16", "fp32"),
+        choices=CODECS,
         help="exchange codec, both ways (default: 1bit, which caps the applied update's cosine with the"
         " honest mean near 0.83 even with no attacker; fp16 shows the aggregator alone)",
     )
