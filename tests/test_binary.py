@@ -32,11 +32,12 @@ def _latent(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torc
 
 def test_binarize_by_hand() -> None:
     # A (r=2, in=4): one scale per row; B (out=4, r=2): one per column. Zero counts as +.
-    a = torch.tensor([[0.5, -1.0, 0.0, 2.5], [-0.25, -0.25, 0.25, 0.75]])
-    assert binarize(a).tolist() == [[1.0, -1.0, 1.0, 1.0], [-0.375, -0.375, 0.375, 0.375]]
+    # The scale is the row's rms: sqrt((9 + 16) / 4) = 2.5.
+    a = torch.tensor([[3.0, -4.0, 0.0, 0.0], [-0.75, -0.75, 0.75, 0.75]])
+    assert binarize(a).tolist() == [[2.5, -2.5, 2.5, 2.5], [-0.75, -0.75, 0.75, 0.75]]
     b = a.T.contiguous()
     assert binarize(b).tolist() == binarize(a).T.tolist()
-    # The scale is rounded to fp16: mean |.| = 0.1 is stored as fp16(0.1).
+    # The scale is rounded to fp16: rms 0.1 is stored as fp16(0.1).
     row = torch.tensor([[0.1, -0.1, 0.1, -0.1]])
     assert binarize(row)[0, 0].item() == torch.tensor(0.1).half().item()
     assert torch.count_nonzero(binarize(torch.zeros(4, 2))) == 0  # B at init stays zero
@@ -57,8 +58,8 @@ def test_binary_forward_is_sign_times_scale_by_hand(tiny_model, tiny_shapes) -> 
     assert isinstance(layer.lora_A["default"], BinaryLinear) and isinstance(layer.lora_B["default"], BinaryLinear)
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     a, b = latent[f"{prefix}.lora_A.weight"], latent[f"{prefix}.lora_B.weight"]  # (4, 64), (64, 4)
-    sa = a.abs().mean(dim=1).half().float()  # (4,)  one per row of A
-    sb = b.abs().mean(dim=0).half().float()  # (4,)  one per column of B
+    sa = a.square().mean(dim=1).sqrt().half().float()  # (4,)  one per row of A
+    sb = b.square().mean(dim=0).sqrt().half().float()  # (4,)  one per column of B
     a_bin = torch.where(a >= 0, 1.0, -1.0) * sa[:, None]
     b_bin = torch.where(b >= 0, 1.0, -1.0) * sb[None, :]
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
@@ -173,9 +174,11 @@ def test_binary_product_error_by_hand() -> None:
     deltas = [{"l.lora_B.weight": torch.tensor([[1.0]])}, {"l.lora_B.weight": torch.tensor([[-3.0]])}]
     # bin of a 1x1 B is B itself: mean of products = [[-1, -1]]; bin(mean B = -1) A = [[-1, -1]].
     assert binary_product_error(base, deltas, [1.0, 1.0]) == 0.0
-    # B (2, 1): bin keeps one scale per column: [1, 3] -> [2, 2]; [1, -1] -> [1, -1].
+    # B (2, 1): bin keeps one scale per column: [1, 7] -> [5, 5] (rms 5); [1, -1] -> [1, -1].
     base2 = {"l.lora_A.weight": a, "l.lora_B.weight": torch.zeros(2, 1)}
-    d2 = [{"l.lora_B.weight": torch.tensor([[1.0], [3.0]])}, {"l.lora_B.weight": torch.tensor([[1.0], [-1.0]])}]
-    # mean of bin(B_i) = [1.5, 0.5]; bin(mean B = [1, 1]) = [1, 1]; error 0.5*sqrt(2)*||A|| /
-    # ||[1.5, 0.5] A|| = sqrt(0.5) / sqrt(2.5) = sqrt(0.2).
-    assert binary_product_error(base2, d2, [1.0, 1.0]) == pytest.approx(0.2**0.5, abs=1e-12)
+    d2 = [{"l.lora_B.weight": torch.tensor([[1.0], [7.0]])}, {"l.lora_B.weight": torch.tensor([[1.0], [-1.0]])}]
+    # mean of bin(B_i) = [3, 2]; bin(mean B = [1, 3]) = fp16(sqrt(5)) [1, 1]; the error is
+    # ||bin(mean B) - [3, 2]|| / ||[3, 2]|| (||A|| cancels).
+    s = torch.tensor(5.0).sqrt().half().item()
+    expected = ((s - 3) ** 2 + (s - 2) ** 2) ** 0.5 / 13**0.5
+    assert binary_product_error(base2, d2, [1.0, 1.0]) == pytest.approx(expected, abs=1e-12)
