@@ -11,9 +11,9 @@ factor costs 1 bit per parameter plus ``r`` fp16 scales (per-output-row scales o
 16 bits per 8 sign bits at r = 8). ``s = rms(W)`` keeps each rank channel's L2 norm.
 (``mean |W|``, the L2-closest scale for a fixed sign pattern, shrinks the channel, and with it
 every training step's effect on the forward pass: on SmolLM2 it ended at a higher held-out
-loss at the default learning rate and at each scale's best one; docs/adapters.md.) Zero maps to +1 so that 1 bit suffices;
-a zero row (B at init) stays zero (s = 0). ``s`` is rounded to fp16 in training too, so the
-forward pass trained is the one deployed.
+loss at the default learning rate and at each scale's best one; docs/adapters.md.) Zero maps
+to +1 so that 1 bit suffices; a zero row (B at init) stays zero (s = 0). ``s`` is rounded to
+fp16 in training too, so the forward pass trained is the one deployed.
 
 Training goes through latent fp32 weights (the PEFT ``lora_A``/``lora_B`` Linear weights) with a
 straight-through estimator: ``d loss / d W := d loss / d bin(W)``. What the federation trains,

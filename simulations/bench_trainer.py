@@ -16,9 +16,12 @@ base model, LoRA rank/alpha/targets, local steps, batch size, learning rate and 
               the bf16-held base, fused AdamW), in Flower's simulation engine.
 
 Reported: client updates per hour from CPU seconds per update (the device's sync + train, so
-a busy machine does not flatter either side), bytes per round each way (training messages;
-edgetune's downlink also counts its evaluation messages), and the held-out loss after the last
-round (both through ``edgetune.lm.evaluate`` on each device's held-out split, token-weighted).
+a busy machine does not flatter either side; the same statistic on both sides: all updates'
+CPU seconds over their number), CPU seconds per 1,000 training tokens (non-padding tokens the
+devices trained on: the two sides draw their batches differently, and one long-conversation
+device can dominate a round), bytes per round each way (training messages; edgetune's downlink
+also counts its evaluation messages), and the held-out loss after the last round (both through
+``edgetune.lm.evaluate`` on each device's held-out split, token-weighted).
 Ends with one JSON line (also in ``<out>/result.json``).
 """
 
@@ -44,6 +47,7 @@ from edgetune.lm import evaluate, pad_id
 from edgetune.models import load_base
 from edgetune.precision import resolved_for_this_cpu
 from edgetune.server.metrics import read_metrics
+from edgetune.simulations.bench_throughput import cpu_features
 
 __all__ = ["run_edgetune", "run_trainer"]
 
@@ -55,9 +59,20 @@ def _heldout_loss(
     return sum(s.loss * s.tokens for s in stats) / sum(s.tokens for s in stats)
 
 
-def _trainer_update(model: torch.nn.Module, device: TokenizedDevice, cfg: RunConfig, pad: int, out: str) -> None:
-    """FlowerTune's client step: a fresh ``Trainer`` over the device's examples, ``steps`` steps."""
+def _trainer_update(model: torch.nn.Module, device: TokenizedDevice, cfg: RunConfig, pad: int, out: str) -> int:
+    """FlowerTune's client step: a fresh ``Trainer`` over the device's examples, ``steps`` steps.
+
+    Returns the non-padding tokens it trained on.
+    """
     t = cfg.train
+    tokens = 0
+
+    def collator(features: list) -> dict[str, torch.Tensor]:
+        nonlocal tokens
+        batch = collate(features, pad)
+        tokens += int(batch["attention_mask"].sum())
+        return batch
+
     args = TrainingArguments(
         output_dir=out,
         max_steps=t.local_steps,
@@ -75,8 +90,9 @@ def _trainer_update(model: torch.nn.Module, device: TokenizedDevice, cfg: RunCon
         seed=cfg.seed,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=device.train, data_collator=lambda f: collate(f, pad))
+    trainer = Trainer(model=model, args=args, train_dataset=device.train, data_collator=collator)
     trainer.train()
+    return tokens
 
 
 def run_trainer(cfg: RunConfig) -> dict[str, float]:
@@ -93,13 +109,14 @@ def run_trainer(cfg: RunConfig) -> dict[str, float]:
     loss_before = _heldout_loss(model, devices, pad, batch, cfg.train.precision)
     fp32_bytes = sum(v.numel() * 4 for v in global_state.values())
     cpu_per_update: list[float] = []
+    tokens = 0
     with tempfile.TemporaryDirectory(prefix="edgetune-trainer-") as out:
         for _ in range(f.rounds):
             states, weights = [], []
             for device in devices:
                 cpu = time.process_time()
                 set_adapter(model, global_state)  # the downlink: both factors, fp32
-                _trainer_update(model, device, cfg, pad, out)
+                tokens += _trainer_update(model, device, cfg, pad, out)
                 states.append({k: v.detach().clone() for k, v in get_adapter(model).items()})
                 cpu_per_update.append(time.process_time() - cpu)
                 weights.append(float(min(len(device.train), cfg.train.local_steps * cfg.train.batch_size)))
@@ -107,7 +124,8 @@ def run_trainer(cfg: RunConfig) -> dict[str, float]:
     set_adapter(model, global_state)
     model.eval()
     return {
-        "cpu_seconds_per_update": statistics.median(cpu_per_update),
+        "cpu_seconds_per_update": statistics.mean(cpu_per_update),
+        "cpu_seconds_per_1k_tokens": 1000 * sum(cpu_per_update) / tokens,
         "bytes_up_per_round": fp32_bytes * f.num_devices,
         "bytes_down_per_round": fp32_bytes * f.num_devices,
         "heldout_loss_before": loss_before,
@@ -121,13 +139,10 @@ def run_edgetune(cfg: RunConfig) -> dict[str, float]:
 
     rows = read_metrics(simulate(cfg))
     trained = rows[1:]
-    per_update = [
-        (r["cpu_seconds"].get("sync", 0.0) + r["cpu_seconds"].get("train", 0.0)) / r["replies"]
-        for r in trained
-        if r["replies"]
-    ]
+    cpu = sum(r["cpu_seconds"].get("sync", 0.0) + r["cpu_seconds"].get("train", 0.0) for r in trained)
     return {
-        "cpu_seconds_per_update": statistics.median(per_update),
+        "cpu_seconds_per_update": cpu / sum(r["replies"] for r in trained),
+        "cpu_seconds_per_1k_tokens": 1000 * cpu / sum(r["train_tokens"] for r in trained),
         "bytes_up_per_round": statistics.mean(r["bytes_up"] for r in trained),
         "bytes_down_per_round": statistics.mean(r["bytes_down"] for r in trained),
         "heldout_loss_before": rows[0]["eval_loss"],
@@ -155,16 +170,23 @@ def main() -> None:
     )
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     results = {"edgetune": run_edgetune(cfg), "trainer": run_trainer(cfg)}
-    print(f"{'':>9} {'updates/h (CPU)':>15} {'up B/round':>11} {'down B/round':>12} {'held-out loss':>20}")
+    features = cpu_features()
+    print(f"precision {precision}; CPU: {features}")
+    print(
+        f"{'':>9} {'updates/h (CPU)':>15} {'CPU s/1k tokens':>15} {'up B/round':>11} {'down B/round':>12}"
+        f" {'held-out loss':>20}"
+    )
     for name, r in results.items():
         r["updates_per_cpu_hour"] = 3600 / r["cpu_seconds_per_update"]
         print(
-            f"{name:>9} {r['updates_per_cpu_hour']:>15.0f} {r['bytes_up_per_round']:>11,.0f} "
-            f"{r['bytes_down_per_round']:>12,.0f} {r['heldout_loss_before']:>9.4f} -> {r['heldout_loss']:.4f}"
+            f"{name:>9} {r['updates_per_cpu_hour']:>15.0f} {r['cpu_seconds_per_1k_tokens']:>15.2f}"
+            f" {r['bytes_up_per_round']:>11,.0f} {r['bytes_down_per_round']:>12,.0f}"
+            f" {r['heldout_loss_before']:>9.4f} -> {r['heldout_loss']:.4f}"
         )
     e, t = results["edgetune"], results["trainer"]
     ratios = {
         "updates_per_hour": round(e["updates_per_cpu_hour"] / t["updates_per_cpu_hour"], 2),
+        "tokens_per_cpu_second": round(t["cpu_seconds_per_1k_tokens"] / e["cpu_seconds_per_1k_tokens"], 2),
         "fewer_bytes_up": round(t["bytes_up_per_round"] / e["bytes_up_per_round"], 1),
         "fewer_bytes_down": round(t["bytes_down_per_round"] / e["bytes_down_per_round"], 1),
     }
@@ -177,6 +199,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "precision": precision,
+        "cpu": features,
         **results,
         "edgetune_over_trainer": ratios,
     }
