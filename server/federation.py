@@ -289,11 +289,16 @@ class Federation:
         return round_ % f.eval_every == 0 or round_ == f.rounds
 
     def _eval_nodes(self, nodes: list[int]) -> list[int]:
-        """All nodes, or a sample of ``eval-devices`` fixed for the run (seeded by the run seed)."""
+        """All nodes, or a sample of ``eval-devices`` fixed for the run (seeded by the run seed).
+
+        Drawn by position: Flower's node ids are unsigned 64-bit, and numpy turns a list of them
+        into floats, which cannot hold most of them exactly.
+        """
         k = self.cfg.federation.eval_devices
         if k == 0 or k >= len(nodes):
             return nodes
-        return sorted(int(n) for n in np.random.default_rng([self.cfg.seed, 1]).choice(nodes, size=k, replace=False))
+        picked = np.random.default_rng([self.cfg.seed, 1]).choice(len(nodes), size=k, replace=False)
+        return sorted(nodes[i] for i in picked)
 
     def _save(self, round_: int) -> None:
         f = self.cfg.federation

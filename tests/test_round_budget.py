@@ -24,8 +24,13 @@ from edgetune.server.metrics import PHASES, read_metrics, time_table
 NUM_DEVICES = 4
 
 
+NODE0 = 2**63 - 2
+"""Node ``NODE0 + i`` is device ``i``: unsigned 64-bit like Flower's, on both sides of 2**63
+(numpy holds such a list as float64) and not float64 values."""
+
+
 class InProcessGrid:
-    """A Flower Grid stand-in: node ``100 + i`` is the simulated device with partition id ``i``;
+    """A Flower Grid stand-in: node ``NODE0 + i`` is the simulated device with partition id ``i``;
     each message goes straight to the ClientApp's handlers. Counts messages per type."""
 
     def __init__(self, num_devices: int) -> None:
@@ -33,14 +38,16 @@ class InProcessGrid:
         self.sent: dict[str, list[int]] = {"train": [], "evaluate": []}
 
     def get_node_ids(self) -> list[int]:
-        return [100 + i for i in range(self.num_devices)]
+        return [NODE0 + i for i in range(self.num_devices)]
 
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []
         for msg in messages:
             node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
             self.sent[kind].append(node)
-            config = {wire.PARTITION_ID: node - 100, "num-partitions": self.num_devices}
+            if not 0 <= node - NODE0 < self.num_devices:
+                raise ValueError(f"Invalid destination node ID for Message: {node}")
+            config = {wire.PARTITION_ID: node - NODE0, "num-partitions": self.num_devices}
             context = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
             replies.append((client_train if kind == "train" else client_evaluate)(msg, context))
         return replies
