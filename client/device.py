@@ -11,6 +11,7 @@ The Flower ClientApp (``client/app.py``) only unpacks messages and calls these.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from peft import PeftModel
@@ -25,7 +26,7 @@ from edgetune.adapters.lora import (
     model_adapter_shapes,
     set_adapter,
 )
-from edgetune.chat import iterate_batches
+from edgetune.chat import Batch, iterate_batches
 from edgetune.client.ort_engine import ORT, train_local_ort
 from edgetune.client.storage import DeviceStorage
 from edgetune.client.train import train_local
@@ -34,7 +35,16 @@ from edgetune.datasets.devices import TokenizedDevice
 from edgetune.lm import StepStats, evaluate
 from edgetune.types import StateDict
 
-__all__ = ["Downlink", "SyncError", "clip_for_uplink", "eval_round", "sync_global", "train_delta", "train_round"]
+__all__ = [
+    "Downlink",
+    "SyncError",
+    "clip_for_uplink",
+    "eval_round",
+    "round_batches",
+    "sync_global",
+    "train_delta",
+    "train_round",
+]
 
 
 class SyncError(RuntimeError):
@@ -108,6 +118,13 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
+def round_batches(data: TokenizedDevice, cfg: RunConfig, round_: int, pad_id: int) -> Iterator[Batch]:
+    """The device's K training batches of ``round_``: their order depends only on (run seed,
+    round, device), so a redone round after a server crash repeats exactly."""
+    seed = _seed(cfg.seed, round_, data.name)
+    return iterate_batches(data.train, cfg.train.batch_size, cfg.train.local_steps, seed, pad_id)
+
+
 def train_delta(
     model: PeftModel,
     pad_id: int,
@@ -120,14 +137,11 @@ def train_delta(
 ) -> tuple[StateDict, StepStats, int]:
     """K local steps from the global adapter: ``(local - global over the exchanged tensors, stats, examples)``.
 
-    The data order depends only on (run seed, round, device), so a redone round after a
-    server crash repeats exactly. ``engine`` (``client.ort_engine.select_engine``) picks
-    PyTorch or ONNX Runtime for the local steps.
+    The batches are :func:`round_batches`. ``engine`` (``client.ort_engine.select_engine``)
+    picks PyTorch or ONNX Runtime for the local steps.
     """
     set_adapter(model, global_state)
-    batches = iterate_batches(
-        data.train, cfg.train.batch_size, cfg.train.local_steps, _seed(cfg.seed, round_, data.name), pad_id
-    )
+    batches = round_batches(data, cfg, round_, pad_id)
     if engine == ORT:
         stats = train_local_ort(model, batches, cfg, storage.root)
     else:

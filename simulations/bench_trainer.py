@@ -5,21 +5,24 @@
 
 Both federations use the same devices (chatterbot English (language, topic) slices), the same
 base model, LoRA rank/alpha/targets, local steps, batch size, learning rate and precision
-(``train.precision=auto`` for this CPU):
+(``train.precision=auto`` for this CPU), and the same batches: each device trains each round on
+the batches an edgetune device draws (``client.device.round_batches``), so both sides do the
+same work per update and differ only in how they do it:
 
     trainer   what FlowerTune's template does: each round every device loads the global
               adapter (both LoRA factors, fp32) into a PEFT model, builds a ``Trainer`` and
-              trains ``--steps`` steps (AdamW, constant learning rate), then sends both factors
+              trains ``--steps`` steps (AdamW, constant learning rate; the full LM head;
+              bf16 autocast over the fp32 base), then sends both factors
               back in fp32; the server averages A and B factor-wise (weighted by examples).
               Run in this process, one device after another.
     edgetune  ``edgetune simulate`` on the defaults (B only, 1-bit both ways, error feedback,
-              the bf16-held base, fused AdamW), in Flower's simulation engine.
+              the bf16-held base, the LM head on labelled positions only, AdamW's default
+              step), in Flower's simulation engine, one Ray worker process per machine.
 
 Reported: client updates per hour from CPU seconds per update (the device's sync + train, so
 a busy machine does not flatter either side; the same statistic on both sides: all updates'
 CPU seconds over their number), CPU seconds per 1,000 training tokens (non-padding tokens the
-devices trained on: the two sides draw their batches differently, and one long-conversation
-device can dominate a round), bytes per round each way (training messages; edgetune's downlink
+devices trained on), bytes per round each way (training messages; edgetune's downlink
 also counts its evaluation messages), and the held-out loss after the last round (both through
 ``edgetune.lm.evaluate`` on each device's held-out split, token-weighted).
 Ends with one JSON line (also in ``<out>/result.json``).
@@ -34,13 +37,16 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
 from edgetune.adapters.delta import weighted_mean
 from edgetune.adapters.lora import attach_lora, get_adapter, init_adapter, model_adapter_shapes, set_adapter
-from edgetune.chat import collate
+from edgetune.chat import Batch
+from edgetune.client.device import round_batches
 from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from edgetune.datasets.devices import TokenizedDevice, tokenized_device
 from edgetune.lm import evaluate, pad_id
@@ -59,20 +65,26 @@ def _heldout_loss(
     return sum(s.loss * s.tokens for s in stats) / sum(s.tokens for s in stats)
 
 
-def _trainer_update(model: torch.nn.Module, device: TokenizedDevice, cfg: RunConfig, pad: int, out: str) -> int:
-    """FlowerTune's client step: a fresh ``Trainer`` over the device's examples, ``steps`` steps.
+class _RoundTrainer(Trainer):
+    """A ``Trainer`` fed the device's own batches of the round, the ones edgetune trains on."""
+
+    def __init__(self, batches: list[Batch], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.round_batches = batches
+
+    def get_train_dataloader(self) -> DataLoader:
+        return DataLoader(self.round_batches, batch_size=None)  # type: ignore[arg-type]  # already collated
+
+
+def _trainer_update(
+    model: torch.nn.Module, device: TokenizedDevice, cfg: RunConfig, round_: int, pad: int, out: str
+) -> int:
+    """FlowerTune's client step: a fresh ``Trainer``, ``steps`` steps on the round's batches.
 
     Returns the non-padding tokens it trained on.
     """
     t = cfg.train
-    tokens = 0
-
-    def collator(features: list) -> dict[str, torch.Tensor]:
-        nonlocal tokens
-        batch = collate(features, pad)
-        tokens += int(batch["attention_mask"].sum())
-        return batch
-
+    batches = list(round_batches(device, cfg, round_, pad))
     args = TrainingArguments(
         output_dir=out,
         max_steps=t.local_steps,
@@ -90,9 +102,9 @@ def _trainer_update(model: torch.nn.Module, device: TokenizedDevice, cfg: RunCon
         seed=cfg.seed,
         dataloader_num_workers=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=device.train, data_collator=collator)
+    trainer = _RoundTrainer(batches, model=model, args=args, train_dataset=device.train)
     trainer.train()
-    return tokens
+    return sum(int(b["attention_mask"].sum()) for b in batches)
 
 
 def run_trainer(cfg: RunConfig) -> dict[str, float]:
@@ -111,12 +123,12 @@ def run_trainer(cfg: RunConfig) -> dict[str, float]:
     cpu_per_update: list[float] = []
     tokens = 0
     with tempfile.TemporaryDirectory(prefix="edgetune-trainer-") as out:
-        for _ in range(f.rounds):
+        for round_ in range(1, f.rounds + 1):
             states, weights = [], []
             for device in devices:
                 cpu = time.process_time()
                 set_adapter(model, global_state)  # the downlink: both factors, fp32
-                tokens += _trainer_update(model, device, cfg, pad, out)
+                tokens += _trainer_update(model, device, cfg, round_, pad, out)
                 states.append({k: v.detach().clone() for k, v in get_adapter(model).items()})
                 cpu_per_update.append(time.process_time() - cpu)
                 weights.append(float(min(len(device.train), cfg.train.local_steps * cfg.train.batch_size)))
