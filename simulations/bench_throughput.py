@@ -12,13 +12,18 @@ steps, median over ``--repeats`` (CPU seconds beside). Each precision (bf16 auto
 is measured on the same batches, as a fraction of its own peak, as training runs it (bf16:
 frozen base held in bf16; AdamW's default per-tensor step) and with one change each (``bf16-fp32-base``:
 the base left fp32 under autocast; ``*-fused``: PyTorch's fused AdamW, no consistent gain
-here and so not used), the repeats interleaved across variants. The CPU's features and what
+here and so not used), the repeats interleaved across variants. ``--compile`` adds
+``bf16-compiled``: a copy of the bf16 model whose decoder layers are each
+``torch.compile(dynamic=True)``'d (regional compilation; the model's KV cache off, which
+otherwise forces recompiles), warmed up on every batch first, the compile time reported
+beside it (not used in training: docs/performance.md). The CPU's features and what
 ``train.precision=auto`` picks on it are reported too. Ends with one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -32,7 +37,7 @@ from edgetune.chat import iterate_batches
 from edgetune.client.train import adapter_optimizer
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
 from edgetune.datasets.devices import tokenized_device
-from edgetune.lm import autocast, pad_id, summed_loss
+from edgetune.lm import autocast, causal_lm, pad_id, summed_loss
 from edgetune.precision import cpu_flags, resolved_for_this_cpu
 
 
@@ -94,11 +99,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="conversations per step")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per precision (median is reported)")
     parser.add_argument("--out", default="bench-out/throughput", help="output folder for result.json")
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure bf16 with torch.compile'd decoder layers (compiles first)"
+    )
     args = parser.parse_args()
 
     lora = LoraConfig()
-    models = {held: device_model(args.base, lora, "none", "bf16" if held else "fp32") for held in (False, True)}
-    tokenizer = models[False][1]
+    loaded = {held: device_model(args.base, lora, "none", "bf16" if held else "fp32") for held in (False, True)}
+    tokenizer = loaded[False][1]
+    models = {"fp32": loaded[False][0], "bf16": loaded[True][0]}
     data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
     batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer)))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -124,22 +133,33 @@ def main() -> None:
         "bf16_matmul_peak_gflops": round(peaks["bf16"], 1),
         "fp32_matmul_peak_gflops": round(peaks["fp32"], 1),
     }
-    # (name, precision, bf16-held base, fused AdamW); the first of each precision is what
-    # training runs today, the others are the changes measured against it.
+    # (name, precision, model: the bf16-held base or the fp32 one, fused AdamW); the first of
+    # each precision is what training runs today, the others are the changes measured against it.
     variants = [
-        ("bf16", "bf16", True, False),
-        ("bf16-fp32-base", "bf16", False, False),
-        ("bf16-fused", "bf16", True, True),
-        ("fp32", "fp32", False, False),
-        ("fp32-fused", "fp32", False, True),
+        ("bf16", "bf16", "bf16", False),
+        ("bf16-fp32-base", "bf16", "fp32", False),
+        ("bf16-fused", "bf16", "bf16", True),
+        ("fp32", "fp32", "fp32", False),
+        ("fp32-fused", "fp32", "fp32", True),
     ]
-    flops = {p: sum(step_flops(models[p == "bf16"][0].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
+    flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
+    if args.compile:
+        models["compiled"] = copy.deepcopy(models["bf16"])
+        lm = causal_lm(models["compiled"])
+        lm.config.use_cache = False
+        for layer in lm.model.layers:  # type: ignore[union-attr]
+            layer.compile(dynamic=True)
+        variants.append(("bf16-compiled", "bf16", "compiled", False))
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
-    for _name, precision, held, fused in variants:  # warm-up
-        timed_steps(models[held][0].train(), batches[:1], precision, 1e-3, fused)
+    for name, precision, model, fused in variants:  # warm-up; compiling takes every batch shape
+        warm = batches if model == "compiled" else batches[:1]
+        seconds, _ = timed_steps(models[model].train(), warm, precision, 1e-3, fused)
+        if model == "compiled":
+            result["compile_warmup_seconds"] = round(seconds, 1)
+            print(f"{name:>15}: compiled and warmed up on {len(warm)} steps in {seconds:.1f} s", flush=True)
     for _ in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike
-        for name, precision, held, fused in variants:
-            runs[name].append(timed_steps(models[held][0], batches, precision, 1e-3, fused))
+        for name, precision, model, fused in variants:
+            runs[name].append(timed_steps(models[model], batches, precision, 1e-3, fused))
     for name, precision, _, _ in variants:
         seconds = statistics.median(w for w, _ in runs[name])
         fractions = [flops[precision] / w / 1e9 / peaks[precision] for w, _ in runs[name]]
