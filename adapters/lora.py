@@ -77,6 +77,9 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
         with warnings.catch_warnings():
             # PEFT still calls transformers' renamed `is_gradient_checkpointing`; not ours to fix.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            # A quantised base: PEFT could not merge into it, and edgetune never does (a merge for
+            # export loads the unquantised base).
+            warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`.*")
             peft_model = get_peft_model(model, peft_config(lora))
     except ValueError as err:
         raise ValueError(f"lora.targets={','.join(lora.targets)} do not match this model's layers: {err}") from err

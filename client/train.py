@@ -14,8 +14,21 @@ from peft import PeftModel
 
 from edgetune.config import TrainConfig
 from edgetune.lm import StepStats, autocast, summed_loss
+from edgetune.memory import return_free_heap
 
-__all__ = ["adapter_optimizer", "train_local"]
+__all__ = ["adapter_optimizer", "set_checkpointing", "train_local"]
+
+
+def set_checkpointing(model: PeftModel, on: bool) -> None:
+    """Recompute each decoder layer's activations in the backward pass (``on``) or keep them.
+
+    Non-reentrant checkpointing: gradients reach the adapter without the inputs needing one.
+    """
+    lm = model.get_base_model()
+    if on and not lm.is_activation_checkpointing:
+        lm.activation_checkpointing_enable({"use_reentrant": False})
+    elif not on and lm.is_activation_checkpointing:
+        lm.activation_checkpointing_disable()
 
 
 def adapter_optimizer(params: list[torch.Tensor], lr: float, fused: bool = False) -> torch.optim.Optimizer:
@@ -33,17 +46,24 @@ def train_local(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cf
     """Run ``cfg.local_steps`` AdamW steps on the trainable adapter tensors.
 
     The optimizer is fresh each round (devices keep no optimizer state between rounds).
+    ``cfg.checkpointing`` (resolved: ``on`` or ``off``) sets activation checkpointing on the
+    decoder layers and the LM head (:func:`edgetune.lm.summed_loss`, ``chunked``); with it on,
+    the freed heap goes back to the OS after every step (:mod:`edgetune.memory`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adapter_optimizer(params, cfg.learning_rate)
+    recompute = cfg.checkpointing == "on"
+    set_checkpointing(model, recompute)
     model.train()
     total_loss, total_tokens, seen, start = 0.0, 0, 0, time.perf_counter()
     for _, batch in zip(range(cfg.local_steps), batches, strict=False):
         with autocast(cfg.precision):
-            loss_sum, n = summed_loss(model, batch)
+            loss_sum, n = summed_loss(model, batch, chunked=recompute)
         (loss_sum / max(n, 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if recompute:
+            return_free_heap()
         total_loss += loss_sum.item()
         total_tokens += n
         seen += int(batch["attention_mask"].sum())

@@ -185,6 +185,12 @@ class TrainConfig:
     """``auto`` (bf16 autocast where the CPU has bf16 matrix units, AMX or AVX512-BF16, about
     2x faster there; fp32 elsewhere, where bf16 is several times slower; resolved by each
     device for itself, ``edgetune/precision.py``), ``bf16`` or ``fp32``."""
+    checkpointing: Literal["auto", "on", "off"] = "auto"
+    """Activation checkpointing: ``on`` keeps only each decoder layer's input in the forward
+    pass and recomputes the rest in the backward pass (about a third more compute, far less
+    memory; the same gradients); ``auto`` turns it on where the base is quantised
+    (``model.quantize``: a mode for devices short of memory, as QLoRA does), resolved with
+    the precision (``edgetune/precision.py``)."""
     engine: Engine = "pytorch"
     """What runs the local steps: ``pytorch`` or ``onnxruntime`` (ONNX Runtime training
     artefacts built once per device, always fp32). A SuperNode's ``train-engine`` node config

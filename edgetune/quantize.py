@@ -7,9 +7,16 @@
            ``mslk`` GPU library) in torchao 0.18, so on a CPU it fails in one line, saying so
 
 LoRA trains on top in fp32 (PEFT wraps torchao Linears in ``TorchaoLoraLinear``): gradients
-reach the adapter through the de-quantising matmul; the base never changes. A Hugging Face
-folder is quantised while it loads (transformers' ``TorchAoConfig``), so the fp32 weights never
-all sit in memory at once; the tiny test model is quantised after it is built.
+reach the adapter through the de-quantising matmul; the base never changes. Under bf16
+autocast the matmul runs in bf16, as it does over a bf16-held base. A training run on a
+quantised base also recomputes activations by default (``train.checkpointing=auto``).
+
+A Hugging Face folder is quantised one tensor at a time while it loads
+(:func:`load_quantized`): each fp32 tensor is read from the memory-mapped safetensors file,
+quantised (decoder Linear weights) or copied (embeddings, norms), and its file pages leave
+memory before the next is read. transformers' own quantising loader keeps the whole file
+mapped while it loads, so every fp32 page it read stays resident: 540 MB for SmolLM2, more
+than the int8 weights save. The tiny test model is quantised after it is built.
 
 Memory in training: torchao's CPU weight-only ``linear`` multiplies by a de-quantised copy of
 the weight (``qdata.to(x.dtype)``), and autograd keeps that copy for the backward pass, so a
@@ -21,6 +28,8 @@ int8 weight and de-quantises it again, one layer at a time, for the input gradie
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +38,16 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from edgetune.config import ConfigError
+from edgetune.memory import return_free_heap
 
 __all__ = [
     "LeanQuantizedLinear",
     "QuantizeError",
     "check_trainable",
+    "is_quantized",
     "load_quantized",
     "quantize_model",
     "torchao_config",
-    "transformers_config",
 ]
 
 
@@ -78,15 +88,25 @@ def _decoder_linear(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and not fqn.endswith("lm_head")
 
 
+def is_quantized(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a torchao-quantised weight (none exists before torchao is imported)."""
+    utils = sys.modules.get("torchao.utils")
+    return utils is not None and isinstance(tensor, utils.TorchAOBaseTensor)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The matmul dtype for ``x``: autocast's (bf16 under ``train.precision=bf16``) or its own."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+
 class _LeanLinearFn(torch.autograd.Function):
     """``y = x W^T + b`` for a quantised ``W`` that saves no de-quantised copy for backward."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: nn.Linear) -> Tensor:
         ctx.layer = layer  # the module, not a tensor: only the quantised weight stays referenced
-        ctx.x_dtype = x.dtype
-        ctx.dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        return F.linear(x, layer.weight, layer.bias)  # torchao's kernel; its temporaries die here
+        ctx.x_dtype, ctx.dtype = x.dtype, _compute_dtype(x)
+        return F.linear(x.to(ctx.dtype), layer.weight, layer.bias)  # torchao's kernel; its temporaries die here
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -103,7 +123,7 @@ class LeanQuantizedLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x.to(_compute_dtype(x)), self.weight, self.bias)
         return _LeanLinearFn.apply(x, self)
 
 
@@ -162,27 +182,70 @@ def _probe(model: nn.Module) -> None:
             return
 
 
-def transformers_config(mode: str) -> Any:
-    """transformers' ``TorchAoConfig`` that quantises while a folder loads (None for ``none``)."""
-    if mode == "none":
-        return None
-    from transformers import TorchAoConfig
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face folder (one file, or the shards of an index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [folder / name for name in shards]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise QuantizeError(f"model.quantize needs safetensors weights; {folder} has no model.safetensors")
 
-    return TorchAoConfig(quant_type=torchao_config(mode), modules_to_not_convert=["lm_head"])
+
+def _quantized_tensor(view: Tensor, mode: str) -> Tensor:
+    """``view`` (an fp32 Linear weight, out x in) quantised by torchao as ``quantize_`` would."""
+    from torchao.quantization import quantize_
+
+    with torch.device("meta"):
+        holder = nn.Sequential(nn.Linear(view.shape[1], view.shape[0], bias=False))
+    holder[0].weight = nn.Parameter(view.float(), requires_grad=False)
+    quantize_(holder, torchao_config(mode))
+    return holder[0].weight
 
 
 def load_quantized(folder: Path, mode: str) -> nn.Module:
-    """Load a Hugging Face causal-LM folder with its decoder Linears quantised on the way in.
+    """Load a Hugging Face causal-LM folder with its decoder Linears quantised on the way in,
+    one tensor at a time (module docstring).
 
     Raises:
-        QuantizeError: the mode has no kernel on this machine.
+        QuantizeError: the mode has no kernel on this machine; the folder has no safetensors
+            weights, or weights that do not fit its config.
     """
-    from transformers import AutoModelForCausalLM
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    check_trainable(mode)
+    with init_empty_weights(include_buffers=False):  # parameters on "meta": nothing allocated yet
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    expected = {*dict(model.named_parameters()), *dict(model.named_buffers())}
+    for file in _weight_files(folder):
+        with safe_open(file, framework="pt") as weights:
+            keys = list(weights.keys())
+        for key in keys:
+            if key not in expected:
+                raise QuantizeError(f"{file}: tensor {key!r} is not a parameter of this model's config")
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            # One open per tensor: the mapping, and the pages read, end with the last view of it.
+            with safe_open(file, framework="pt") as weights:
+                view = weights.get_tensor(key)
+            if attr in module._buffers:
+                module._buffers[attr] = view.clone()
+            elif attr == "weight" and _decoder_linear(module, module_name):
+                setattr(module, attr, nn.Parameter(_quantized_tensor(view, mode), requires_grad=False))
+            else:
+                setattr(module, attr, nn.Parameter(view.to(torch.float32, copy=True), requires_grad=False))
+            del view
+            return_free_heap()  # quantising's temporaries leave holes (edgetune/memory.py)
+    model.tie_weights()
+    missing = sorted(name for name, param in model.named_parameters() if param.is_meta)
+    if missing:
+        raise QuantizeError(f"{folder}: no weights for {len(missing)} parameters, e.g. {missing[0]!r}")
+    _make_lean(model)
     try:
-        config = transformers_config(mode)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=config)
-        _make_lean(model)
         _probe(model)
     except (ImportError, NotImplementedError, AssertionError, RuntimeError) as err:
         raise _unsupported(mode, err) from err

@@ -45,11 +45,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     "dora-r8": {"lora.rank": 8, "lora.kind": "dora"},
     "binary-r8": {"lora.rank": 8, "lora.kind": "binary", "federation.codec": "fp16"},
     "binary-r16": {"lora.rank": 16, "lora.kind": "binary", "federation.codec": "fp16"},
-    "lora-r8-int8": {"lora.rank": 8, "model.quantize": "int8"},
+    "lora-r8-recompute": {"lora.rank": 8, "train.checkpointing": "on"},
+    "lora-r8-int8": {"lora.rank": 8, "model.quantize": "int8"},  # recomputes activations (its default)
+    "lora-r8-int8-keep": {"lora.rank": 8, "model.quantize": "int8", "train.checkpointing": "off"},
     "lora-r8-int4": {"lora.rank": 8, "model.quantize": "int4"},
 }
 REFERENCE = "lora-r8"
-_PER_VARIANT = {"run-dir", "lora.rank", "lora.kind", "model.quantize", "federation.codec"}
+_PER_VARIANT = {"run-dir", "lora.rank", "lora.kind", "model.quantize", "federation.codec", "train.checkpointing"}
 
 
 def _peak_rss_child(flat: dict[str, object], queue: multiprocessing.Queue) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetune.config import ConfigError, RunConfig, TrainConfig
+from edgetune.config import from_flat, ConfigError, RunConfig, TrainConfig
 from edgetune.precision import (
     cpu_flags,
     hold_frozen_in_bf16,
@@ -69,8 +69,12 @@ def test_resolve_run_is_the_default_and_keeps_explicit_configs() -> None:
     resolved = resolve_run(cfg)
     assert resolved.train.precision == resolved_for_this_cpu("auto").precision in ("bf16", "fp32")
     assert resolved.train.local_steps == cfg.train.local_steps and resolved.lora == cfg.lora
-    explicit = RunConfig(train=TrainConfig(precision="fp32"))
+    explicit = RunConfig(train=TrainConfig(precision="fp32", checkpointing="off"))
     assert resolve_run(explicit) is explicit
+    # train.checkpointing=auto: on for a quantised base (a mode for devices short of memory)
+    assert resolved.train.checkpointing == "off"
+    assert resolve_run(from_flat({"model.quantize": "int8"})).train.checkpointing == "on"
+    assert resolve_run(from_flat({"model.quantize": "int8", "train.checkpointing": "off"})).train.checkpointing == "off"
     with pytest.raises(ConfigError, match="train.precision='fp16'"):
         TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="expected auto, bf16 or fp32"):
@@ -89,7 +93,11 @@ def test_a_bf16_base_gives_the_same_loss_and_gradients_as_autocast_over_fp32(tin
         if ".lora_B." in name:
             p.data.normal_(0, 0.1)  # B = 0 would hide the adapter path
     held = copy.deepcopy(reference)
+    embedding = held.get_base_model().model.embed_tokens.weight
     converted = hold_frozen_in_bf16(held)
+    # What stays fp32 is copied (a loaded model's tensors are views into its weights file).
+    kept = held.get_base_model().model.embed_tokens.weight
+    assert kept.data_ptr() != embedding.data_ptr() and torch.equal(kept, embedding)
     # 2 layers x 7 projections + the LM head (untied from the embedding).
     assert converted == 15
     lm = held.get_base_model()
