@@ -9,8 +9,11 @@ Every variant is one simulation with the same devices, seeds, rounds, local step
 1-bit codec; docs/adapters.md); otherwise only ``lora.*`` / ``model.quantize`` differ:
 
     lora-r8 (today's default), lora-r32, dora-r8, binary-r8, binary-r16,
-    lora-r8-int8 (int8 base), lora-r8-int4 (int4 base: fails in one line on a CPU without
-    its kernels, and the table says so)
+    lora-r8-recompute (the bf16/fp32 base with ``train.checkpointing=on``),
+    lora-r8-int8 (int8 base; it recomputes activations by default),
+    lora-r8-int8-keep (int8 base, ``train.checkpointing=off``: the int8 weights alone),
+    lora-r8-int4 (int4 base: fails in one line on a CPU without its kernels, and the table
+    says so)
 
 Measured per variant: held-out loss per round (token-weighted over all devices), bytes up and
 down, the aggregation error per round (as the run's metrics define it for the kind), local
@@ -18,8 +21,9 @@ training tokens/s (all devices' tokens over their training seconds), the deploye
 size on disk (fp16 PEFT ``adapter_model.safetensors`` for LoRA and DoRA; the packed 1-bit file
 for binary) beside the fp16 LoRA adapter of the same rank, and the peak RSS of a device
 process: a fresh process that loads the base (quantised as chosen), attaches the adapter and
-trains ``--steps`` steps on device 0's data, as one device would (its ``VmHWM``; also read
-once the model has loaded, so the table shows how much of the peak loading alone reaches).
+trains ``--steps`` steps on device 0's data, as one device would. Its ``VmHWM`` is read once
+the model has loaded (the load's peak), then reset (Linux ``clear_refs``) and read again after
+training (the training phase's own peak); the device's peak is the larger of the two.
 
 Each variant's result goes to ``--out/<variant>/summary.json``; a run only redoes the variants
 it names (``--variants``), and every run prints the table over all summaries in ``--out``,
@@ -74,19 +78,37 @@ def _peak_rss_child(flat: dict[str, object], queue: multiprocessing.Queue) -> No
                     return int(line.split()[1]) / 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    def reset_high_water() -> bool:
+        """Set VmHWM to the current RSS (Linux: ``5`` into ``clear_refs``); False where it cannot."""
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
     imports = high_water()
     cfg = resolve_run(from_flat(flat))  # train.precision=auto -> bf16 or fp32 for this CPU, as a device does
     model, tokenizer = device_model(cfg.model.base, cfg.lora, cfg.model.quantize, cfg.train.precision)
     loaded = high_water()
+    split = reset_high_water()
     data = tokenized_device(cfg.data, "", 0, cfg.federation.num_devices, cfg.seed, tokenizer)
     batches = iterate_batches(data.train, cfg.train.batch_size, cfg.train.local_steps, cfg.seed, pad_id(tokenizer))
     train_local(model, batches, cfg.train)
-    queue.put({"imports_rss_mib": imports, "load_peak_rss_mib": loaded, "peak_rss_mib": high_water()})
+    trained = high_water()
+    queue.put(
+        {
+            "imports_rss_mib": imports,
+            "load_peak_rss_mib": loaded,
+            "train_peak_rss_mib": trained if split else math.nan,
+            "peak_rss_mib": max(loaded, trained),
+        }
+    )
 
 
 def peak_rss(cfg: RunConfig) -> dict[str, float]:
     """Peak RSS (MiB) of a fresh device process for ``cfg`` (spawned, so nothing is shared):
-    ``imports_rss_mib``, ``load_peak_rss_mib`` (once the model is loaded) and ``peak_rss_mib``."""
+    ``imports_rss_mib``, ``load_peak_rss_mib`` (once the model is loaded), ``train_peak_rss_mib``
+    (the training phase alone; NaN where the peak cannot be reset) and ``peak_rss_mib``."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_rss_child, args=(to_flat(cfg), queue))
@@ -158,23 +180,26 @@ def table(summaries: dict[str, dict]) -> str:
     ref = summaries.get(REFERENCE, {})
     ref_loss = ref.get("eval_loss", [None])[-1]
     lines = [
-        f"{'variant':<14}{'loss r0':>9}{'final':>9}{'vs r8':>8}{'up B':>11}{'down B':>11}{'deployed B':>12}"
-        f"{'/fp16':>8}{'tok/s':>8}{'load MiB':>9}{'RSS MiB':>9}{'agg err':>9}"
+        f"{'variant':<18}{'loss r0':>9}{'final':>9}{'vs r8':>8}{'up B':>11}{'down B':>11}{'deployed B':>12}"
+        f"{'/fp16':>8}{'tok/s':>8}{'load MiB':>9}{'train MiB':>10}{'peak MiB':>9}{'vs r8':>8}{'agg err':>9}"
     ]
     for name in VARIANTS:
         s = summaries.get(name)
         if s is None:
             continue
         if "error" in s:
-            lines.append(f"{name:<14}  failed: {s['error']}")
+            lines.append(f"{name:<18}  failed: {s['error']}")
             continue
         loss = s["eval_loss"]
         gap = f"{(loss[-1] - ref_loss) / ref_loss:+.2%}" if ref_loss else "-"
+        ref_rss = ref.get("peak_rss_mib")
+        rss_gap = f"{(s['peak_rss_mib'] - ref_rss) / ref_rss:+.1%}" if ref_rss else "-"
         err = s["max_aggregation_error"]
         lines.append(
-            f"{name:<14}{loss[0]:>9.4f}{loss[-1]:>9.4f}{gap:>8}{s['bytes_up']:>11,}{s['bytes_down']:>11,}"
+            f"{name:<18}{loss[0]:>9.4f}{loss[-1]:>9.4f}{gap:>8}{s['bytes_up']:>11,}{s['bytes_down']:>11,}"
             f"{s['deployed_bytes']:>12,}{s['deployed_bytes'] / s['fp16_lora_bytes']:>8.4f}"
-            f"{s['train_tokens_per_s']:>8.0f}{s.get('load_peak_rss_mib', math.nan):>9.0f}{s['peak_rss_mib']:>9.0f}"
+            f"{s['train_tokens_per_s']:>8.0f}{s.get('load_peak_rss_mib', math.nan):>9.0f}"
+            f"{s.get('train_peak_rss_mib', math.nan):>10.0f}{s['peak_rss_mib']:>9.0f}{rss_gap:>8}"
             f"{(f'{err:.2e}' if err is not None else '-'):>9}"
         )
     return "\n".join(lines)

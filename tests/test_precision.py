@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetune.config import from_flat, ConfigError, RunConfig, TrainConfig
+from edgetune.config import ConfigError, RunConfig, TrainConfig, from_flat
 from edgetune.precision import (
     cpu_flags,
     hold_frozen_in_bf16,
