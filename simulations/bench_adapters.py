@@ -211,16 +211,24 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
     done = {k: s for k, s in summaries.items() if "error" not in s}
     for name, s in done.items():
         ax1.plot(range(len(s["eval_loss"])), s["eval_loss"], marker="o", label=name)
     ax1.set(xlabel="round", ylabel="held-out loss", title="held-out loss per round")
+    ax1.xaxis.get_major_locator().set_params(integer=True)
     ax1.legend(fontsize=8)
     names = list(done)
     ax2.bar(names, [done[n]["deployed_bytes"] / 1024 for n in names])
-    ax2.set(ylabel="KiB", title="deployed adapter size")
-    ax2.tick_params(axis="x", rotation=45)
+    ax2.set(ylabel="KiB (log scale)", yscale="log", title="deployed adapter size")
+    at = range(len(names))
+    ax3.bar([i - 0.2 for i in at], [done[n].get("load_peak_rss_mib", math.nan) for n in names], 0.4, label="loading")
+    ax3.bar([i + 0.2 for i in at], [done[n].get("train_peak_rss_mib", math.nan) for n in names], 0.4, label="training")
+    ax3.set(ylabel="MiB", title="device peak RSS", xticks=list(at))
+    ax3.set_xticklabels(names)
+    ax3.legend(fontsize=8)
+    for ax in (ax2, ax3):
+        ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

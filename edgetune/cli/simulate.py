@@ -86,7 +86,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _extras(cfg: RunConfig) -> str:
     """The optional features a run has on, for its first line."""
+    from edgetune.precision import resolve_run
+
     parts = []
+    if cfg.model.quantize != "none":
+        parts.append(f"{cfg.model.quantize} base")
+    if resolve_run(cfg).train.checkpointing == "on":
+        parts.append("activations recomputed (train.checkpointing)")
     if cfg.dp.enabled:
         parts.append(f"user-level DP (z={cfg.dp.noise_multiplier:g}, C={cfg.dp.clip_norm:g}, delta={cfg.dp.delta:g})")
     if cfg.rag.enabled:
