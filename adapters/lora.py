@@ -103,10 +103,10 @@ def device_model(
     the same matmuls as bf16 autocast over fp32 weights, without re-casting the whole model
     in every step; such a model must run under bf16 autocast.
     """
-    model, tokenizer = load_base(base, quantize)
+    model, tokenizer = load_base(base, quantize, bf16=precision == "bf16")
     peft_model = attach_lora(model, lora)
     if precision == "bf16":
-        hold_frozen_in_bf16(peft_model)
+        hold_frozen_in_bf16(peft_model)  # the tiny model's weights, a tied head's bf16 copy
     return peft_model, tokenizer
 
 

@@ -201,16 +201,19 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         return LlamaForCausalLM(config).eval()
 
 
-def load_base(spec: str, quantize: str = "none") -> tuple[Any, PreTrainedTokenizerBase]:
+def load_base(spec: str, quantize: str = "none", bf16: bool = False) -> tuple[Any, PreTrainedTokenizerBase]:
     """Load a base model (fp32, eval mode) and its tokenizer, fully offline.
 
     ``quantize`` (``model.quantize``: none, int8, int4) quantises the decoder's Linear weights
-    (``edgetune/quantize.py``).
+    (``edgetune/quantize.py``). ``bf16`` (the bf16-held base of ``train.precision=bf16``)
+    converts them to bf16 instead; both load a folder one tensor at a time
+    (``edgetune/memory.py``), so the fp32 file never sits in memory whole beside them.
 
     Raises:
         ModelError: see :func:`resolve_base`; also when the tokenizer has no chat template.
         QuantizeError: the quantisation cannot train on this machine.
     """
+    from edgetune.memory import load_tensorwise
     from edgetune.quantize import load_quantized, quantize_model
 
     folder = resolve_base(spec)
@@ -226,6 +229,11 @@ def load_base(spec: str, quantize: str = "none") -> tuple[Any, PreTrainedTokeniz
     with _quiet_progress():  # a cached safetensors load takes a second; its bar is noise
         if quantize != "none":
             return load_quantized(folder, quantize), tokenizer
+        if bf16:
+            try:
+                return load_tensorwise(folder, lambda weight: weight.to(torch.bfloat16)), tokenizer
+            except ValueError as err:
+                raise ModelError(f"base model {spec!r}: {err}") from err
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return model.eval(), tokenizer
 

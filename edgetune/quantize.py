@@ -28,7 +28,6 @@ int8 weight and de-quantises it again, one layer at a time, for the input gradie
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from edgetune.config import ConfigError
-from edgetune.memory import return_free_heap
+from edgetune.memory import load_tensorwise
 
 __all__ = [
     "LeanQuantizedLinear",
@@ -182,25 +181,13 @@ def _probe(model: nn.Module) -> None:
             return
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face folder (one file, or the shards of an index)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [folder / name for name in shards]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise QuantizeError(f"model.quantize needs safetensors weights; {folder} has no model.safetensors")
-
-
-def _quantized_tensor(view: Tensor, mode: str) -> Tensor:
-    """``view`` (an fp32 Linear weight, out x in) quantised by torchao as ``quantize_`` would."""
+def _quantized_tensor(weight: Tensor, mode: str) -> Tensor:
+    """``weight`` (fp32, out x in) quantised by torchao as ``quantize_`` would."""
     from torchao.quantization import quantize_
 
     with torch.device("meta"):
-        holder = nn.Sequential(nn.Linear(view.shape[1], view.shape[0], bias=False))
-    holder[0].weight = nn.Parameter(view.float(), requires_grad=False)
+        holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    holder[0].weight = nn.Parameter(weight, requires_grad=False)
     quantize_(holder, torchao_config(mode))
     return holder[0].weight
 
@@ -213,40 +200,14 @@ def load_quantized(folder: Path, mode: str) -> nn.Module:
         QuantizeError: the mode has no kernel on this machine; the folder has no safetensors
             weights, or weights that do not fit its config.
     """
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     check_trainable(mode)
-    with init_empty_weights(include_buffers=False):  # parameters on "meta": nothing allocated yet
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
-    expected = {*dict(model.named_parameters()), *dict(model.named_buffers())}
-    for file in _weight_files(folder):
-        with safe_open(file, framework="pt") as weights:
-            keys = list(weights.keys())
-        for key in keys:
-            if key not in expected:
-                raise QuantizeError(f"{file}: tensor {key!r} is not a parameter of this model's config")
-            module_name, _, attr = key.rpartition(".")
-            module = model.get_submodule(module_name)
-            # One open per tensor: the mapping, and the pages read, end with the last view of it.
-            with safe_open(file, framework="pt") as weights:
-                view = weights.get_tensor(key)
-            if attr in module._buffers:
-                module._buffers[attr] = view.clone()
-            elif attr == "weight" and _decoder_linear(module, module_name):
-                setattr(module, attr, nn.Parameter(_quantized_tensor(view, mode), requires_grad=False))
-            else:
-                setattr(module, attr, nn.Parameter(view.to(torch.float32, copy=True), requires_grad=False))
-            del view
-            return_free_heap()  # quantising's temporaries leave holes (edgetune/memory.py)
-    model.tie_weights()
-    missing = sorted(name for name, param in model.named_parameters() if param.is_meta)
-    if missing:
-        raise QuantizeError(f"{folder}: no weights for {len(missing)} parameters, e.g. {missing[0]!r}")
+    try:
+        model = load_tensorwise(folder, lambda weight: _quantized_tensor(weight, mode))
+    except ValueError as err:
+        raise QuantizeError(f"model.quantize={mode}: {err}") from err
     _make_lean(model)
     try:
         _probe(model)
     except (ImportError, NotImplementedError, AssertionError, RuntimeError) as err:
         raise _unsupported(mode, err) from err
-    return model.eval()
+    return model

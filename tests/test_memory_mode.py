@@ -109,3 +109,30 @@ def test_the_quantising_loader_names_what_is_wrong(tmp_path: Path, tiny_tokenize
     weights.unlink()
     with pytest.raises(QuantizeError, match="has no model.safetensors"):
         load_quantized(folder, "int8")
+
+
+def test_the_bf16_base_loads_tensorwise_as_the_held_base_of_a_full_load(tmp_path: Path, tiny_tokenizer) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.adapters.lora import set_adapter
+    from edgetune.memory import load_tensorwise
+    from edgetune.precision import hold_frozen_in_bf16
+
+    folder = _saved_tiny(tmp_path / "tiny", tiny_tokenizer)
+    lora = LoraConfig(rank=4)
+    full = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    reference = _adapter_model(full)
+    hold_frozen_in_bf16(reference)
+    ours = attach_lora(load_tensorwise(folder, lambda weight: weight.to(torch.bfloat16)), lora)
+    hold_frozen_in_bf16(ours)
+    set_adapter(ours, get_adapter(reference))
+    mine, theirs = ours.state_dict(), reference.state_dict()
+    assert mine.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert mine[name].dtype == value.dtype and torch.equal(mine[name], value), name
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = _loss_and_grads(ours, batch, False), _loss_and_grads(reference, batch, False)
+    assert got[0] == want[0]
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
