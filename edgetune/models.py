@@ -206,14 +206,15 @@ def load_base(spec: str, quantize: str = "none", bf16: bool = False) -> tuple[An
 
     ``quantize`` (``model.quantize``: none, int8, int4) quantises the decoder's Linear weights
     (``edgetune/quantize.py``). ``bf16`` (the bf16-held base of ``train.precision=bf16``)
-    converts them to bf16 instead; both load a folder one tensor at a time
-    (``edgetune/memory.py``), so the fp32 file never sits in memory whole beside them.
+    converts them to bf16 instead; both load a safetensors folder one tensor at a time
+    (``edgetune/memory.py``), so the fp32 file never sits in memory whole beside them (a
+    folder without safetensors loads whole, in fp32, and ``hold_frozen_in_bf16`` converts it).
 
     Raises:
         ModelError: see :func:`resolve_base`; also when the tokenizer has no chat template.
         QuantizeError: the quantisation cannot train on this machine.
     """
-    from edgetune.memory import load_tensorwise
+    from edgetune.memory import load_tensorwise, safetensors_files
     from edgetune.quantize import load_quantized, quantize_model
 
     folder = resolve_base(spec)
@@ -229,7 +230,7 @@ def load_base(spec: str, quantize: str = "none", bf16: bool = False) -> tuple[An
     with _quiet_progress():  # a cached safetensors load takes a second; its bar is noise
         if quantize != "none":
             return load_quantized(folder, quantize), tokenizer
-        if bf16:
+        if bf16 and safetensors_files(folder):
             try:
                 return load_tensorwise(folder, lambda weight: weight.to(torch.bfloat16)), tokenizer
             except ValueError as err:

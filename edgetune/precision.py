@@ -143,10 +143,11 @@ def hold_frozen_in_bf16(model: nn.Module) -> int:
     embedding gets its own bf16 copy (the embedding stays fp32). Only for use under bf16
     autocast: an fp32 forward would meet bf16 weights.
 
-    The fp32 tensors that stay are copied once: a Hugging Face load leaves them views into the
+    The fp32 tensors that stay are copied once: ``from_pretrained`` leaves them views into the
     memory-mapped weights file, which would keep every page of it read so far (the whole fp32
-    model, 540 MB for SmolLM2) resident beside the bf16 copies; measured at ``bench_adapters``'
-    defaults, the device's peak RSS fell from 1,888 to 1,477 MiB.
+    model, 540 MB for SmolLM2) resident beside the bf16 copies. (A device loads its
+    bf16-held base a tensor at a time, ``edgetune/memory.py``, so there this copies only the
+    tied head's source.)
 
     Returns:
         Parameters converted (0 when there is nothing to convert, e.g. a quantised base).

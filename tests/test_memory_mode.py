@@ -136,3 +136,24 @@ def test_the_bf16_base_loads_tensorwise_as_the_held_base_of_a_full_load(tmp_path
         got, want = _loss_and_grads(ours, batch, False), _loss_and_grads(reference, batch, False)
     assert got[0] == want[0]
     torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("safetensors", [True, False])
+def test_device_model_holds_a_folder_in_bf16_either_way(tmp_path: Path, tiny_tokenizer, safetensors: bool) -> None:
+    """A safetensors folder loads a tensor at a time; one without (``pytorch_model.bin``) loads
+    whole and is held afterwards: the same bf16-held model."""
+    from edgetune.adapters.lora import device_model
+
+    folder = _saved_tiny(tmp_path / "tiny", tiny_tokenizer)
+    tiny_tokenizer.save_pretrained(folder)
+    if not safetensors:  # transformers 5 writes safetensors only: make the older layout by hand
+        torch.save(tiny_llama(len(tiny_tokenizer), seed=3).state_dict(), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    model, _ = device_model(str(folder), LoraConfig(rank=4), "none", "bf16")
+    lm_model = model.get_base_model()
+    assert lm_model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    assert lm_model.lm_head.weight.dtype == torch.bfloat16
+    assert lm_model.model.embed_tokens.weight.dtype == torch.float32
+    reference = tiny_llama(len(tiny_tokenizer), seed=3)
+    up = reference.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16)
+    assert torch.equal(lm_model.model.layers[0].mlp.up_proj.base_layer.weight, up)
