@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["load_tensorwise", "return_free_heap", "safetensors_files"]
+__all__ = ["decoder_linear", "load_tensorwise", "return_free_heap", "safetensors_files"]
 
 
 @functools.cache
@@ -61,7 +61,8 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def _decoder_linear(module: nn.Module, name: str) -> bool:
+def decoder_linear(module: nn.Module, name: str) -> bool:
+    """A Linear of the decoder (what the base's conversions touch), not the LM head."""
     return isinstance(module, nn.Linear) and not name.endswith("lm_head")
 
 
@@ -97,7 +98,7 @@ def load_tensorwise(folder: Path, linear_weight: Callable[[Tensor], Tensor]) -> 
                 view = weights.get_tensor(key)
             if attr in module._buffers:
                 module._buffers[attr] = view.clone()
-            elif attr == "weight" and _decoder_linear(module, module_name):
+            elif attr == "weight" and decoder_linear(module, module_name):
                 setattr(module, attr, nn.Parameter(linear_weight(view.float()), requires_grad=False))
             else:
                 setattr(module, attr, nn.Parameter(view.to(torch.float32, copy=True), requires_grad=False))

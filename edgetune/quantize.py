@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from edgetune.config import ConfigError
-from edgetune.memory import load_tensorwise
+from edgetune.memory import decoder_linear, load_tensorwise
 
 __all__ = [
     "LeanQuantizedLinear",
@@ -81,10 +81,6 @@ def _unsupported(mode: str, err: BaseException) -> QuantizeError:
         f"model.quantize={mode} cannot train on this CPU: torchao {torchao.__version__} has no CPU kernel "
         f"for it ({type(err).__name__}: {_first_line(err)}); use model.quantize=int8"
     )
-
-
-def _decoder_linear(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear) and not fqn.endswith("lm_head")
 
 
 def is_quantized(tensor: Tensor) -> bool:
@@ -154,7 +150,7 @@ def quantize_model(model: nn.Module, mode: str) -> nn.Module:
     from torchao.quantization import quantize_
 
     try:
-        quantize_(model, torchao_config(mode), filter_fn=_decoder_linear)
+        quantize_(model, torchao_config(mode), filter_fn=decoder_linear)
         _make_lean(model)
         _probe(model)
     except (ImportError, NotImplementedError, AssertionError, RuntimeError) as err:
@@ -175,7 +171,7 @@ def check_trainable(mode: str) -> None:
 def _probe(model: nn.Module) -> None:
     """One tiny forward and backward through the first quantised Linear: fail now, not mid-round."""
     for name, module in model.named_modules():
-        if _decoder_linear(module, name):
+        if decoder_linear(module, name):
             x = torch.zeros(1, module.in_features, requires_grad=True)
             torch.autograd.grad(module(x).sum(), x)
             return
