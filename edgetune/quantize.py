@@ -11,12 +11,9 @@ reach the adapter through the de-quantising matmul; the base never changes. Unde
 autocast the matmul runs in bf16, as it does over a bf16-held base. A training run on a
 quantised base also recomputes activations by default (``train.checkpointing=auto``).
 
-A Hugging Face folder is quantised one tensor at a time while it loads
-(:func:`load_quantized`): each fp32 tensor is read from the memory-mapped safetensors file,
-quantised (decoder Linear weights) or copied (embeddings, norms), and its file pages leave
-memory before the next is read. transformers' own quantising loader keeps the whole file
-mapped while it loads, so every fp32 page it read stays resident: 540 MB for SmolLM2, more
-than the int8 weights save. The tiny test model is quantised after it is built.
+A Hugging Face folder is quantised one tensor at a time while it loads (:func:`load_quantized`
+through ``edgetune/memory.py:load_tensorwise``, which says why); the tiny test model is
+quantised after it is built.
 
 Memory in training: torchao's CPU weight-only ``linear`` multiplies by a de-quantised copy of
 the weight (``qdata.to(x.dtype)``), and autograd keeps that copy for the backward pass, so a

@@ -14,8 +14,8 @@ frozen base held in bf16; AdamW's default per-tensor step) and with one change e
 the base left fp32 under autocast; ``*-fused``: PyTorch's fused AdamW, no consistent gain
 here and so not used), the repeats interleaved across variants. ``--compile`` adds
 ``bf16-compiled``: a copy of the bf16 model whose decoder layers are each
-``torch.compile(dynamic=True)``'d (regional compilation; the model's KV cache off, which
-otherwise forces recompiles), warmed up on every batch first, the compile time reported
+``torch.compile(dynamic=True)``'d (regional compilation; the loss runs the decoder without
+its KV cache, which would force recompiles), warmed up on every batch first, the compile time reported
 beside it (not used in training: docs/performance.md). The CPU's features and what
 ``train.precision=auto`` picks on it are reported too. Ends with one JSON line.
 """
@@ -145,9 +145,7 @@ def main() -> None:
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
     if args.compile:
         models["compiled"] = copy.deepcopy(models["bf16"])
-        lm = causal_lm(models["compiled"])
-        lm.config.use_cache = False
-        for layer in lm.model.layers:  # type: ignore[union-attr]
+        for layer in causal_lm(models["compiled"]).model.layers:  # type: ignore[union-attr]
             layer.compile(dynamic=True)
         variants.append(("bf16-compiled", "bf16", "compiled", False))
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
