@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from edgetune.adapters.binary import make_binary
 from edgetune.config import LoraConfig
 from edgetune.models import load_base
-from edgetune.precision import hold_frozen_in_bf16
+from edgetune.precision import attend_in_fp32, hold_frozen_in_bf16
 from edgetune.types import StateDict
 
 __all__ = [
@@ -101,12 +101,14 @@ def device_model(
     adapter tensors in (:func:`set_adapter`). Under ``precision="bf16"`` (resolved, never
     ``auto``) the frozen base Linear weights are held in bf16 (:func:`hold_frozen_in_bf16`):
     the same matmuls as bf16 autocast over fp32 weights, without re-casting the whole model
-    in every step; such a model must run under bf16 autocast.
+    in every step; such a model must run under bf16 autocast. Its attention runs in fp32
+    (:func:`attend_in_fp32`, faster there).
     """
     model, tokenizer = load_base(base, quantize, bf16=precision == "bf16")
     peft_model = attach_lora(model, lora)
     if precision == "bf16":
         hold_frozen_in_bf16(peft_model)  # the tiny model's weights, a tied head's bf16 copy
+        attend_in_fp32(peft_model)
     return peft_model, tokenizer
 
 

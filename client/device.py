@@ -29,7 +29,7 @@ from edgetune.adapters.lora import (
 from edgetune.chat import Batch, iterate_batches
 from edgetune.client.ort_engine import ORT, train_local_ort
 from edgetune.client.storage import DeviceStorage
-from edgetune.client.train import train_local
+from edgetune.client.train import train_local, uncompiled
 from edgetune.config import RunConfig
 from edgetune.datasets.devices import TokenizedDevice
 from edgetune.lm import StepStats, evaluate
@@ -179,4 +179,5 @@ def eval_round(
 ) -> StepStats:
     """Held-out loss of ``global_state`` on this device."""
     set_adapter(model, global_state)
-    return evaluate(model, data.heldout, pad_id, cfg.train.batch_size, cfg.train.precision)
+    with uncompiled():
+        return evaluate(model, data.heldout, pad_id, cfg.train.batch_size, cfg.train.precision)

@@ -6,6 +6,7 @@ process-wide one of :func:`edgetune.adapters.lora.device_model`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -13,10 +14,10 @@ import torch
 from peft import PeftModel
 
 from edgetune.config import TrainConfig
-from edgetune.lm import StepStats, autocast, summed_loss
+from edgetune.lm import StepStats, autocast, causal_lm, summed_loss
 from edgetune.memory import return_free_heap
 
-__all__ = ["adapter_optimizer", "set_checkpointing", "train_local"]
+__all__ = ["adapter_optimizer", "compile_decoder", "set_checkpointing", "train_local", "uncompiled"]
 
 
 def set_checkpointing(model: PeftModel, on: bool) -> None:
@@ -29,6 +30,26 @@ def set_checkpointing(model: PeftModel, on: bool) -> None:
         lm.activation_checkpointing_enable({"use_reentrant": False})
     elif not on and lm.is_activation_checkpointing:
         lm.activation_checkpointing_disable()
+
+
+def compile_decoder(model: PeftModel) -> None:
+    """``torch.compile`` each decoder layer of ``model`` in place, once per process.
+
+    Regional compilation: every layer is the same code, so Dynamo traces it once and the
+    graph serves all of them; ``dynamic=True`` lets batch and sequence lengths vary without
+    recompiling. The compiled code runs the first time a layer is called (20-45 s on
+    SmolLM2 with the inductor cache cold). Evaluation runs without it
+    (:func:`uncompiled`).
+    """
+    for layer in causal_lm(model).model.layers:  # type: ignore[union-attr]
+        if getattr(layer, "_compiled_call_impl", None) is None:
+            layer.compile(dynamic=True)
+
+
+def uncompiled() -> contextlib.AbstractContextManager[None]:
+    """Run compiled modules eagerly inside this block: the held-out loop (no gradient) would
+    otherwise compile graphs of its own, which a few dozen conversations a round never repay."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def adapter_optimizer(params: list[torch.Tensor], lr: float, fused: bool = False) -> torch.optim.Optimizer:
@@ -49,11 +70,14 @@ def train_local(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cf
     ``cfg.checkpointing`` (resolved: ``on`` or ``off``) sets activation checkpointing on the
     decoder layers and the LM head (:func:`edgetune.lm.summed_loss`, ``chunked``); with it on,
     the freed heap goes back to the OS after every step (:mod:`edgetune.memory`).
+    ``cfg.compile`` (resolved) compiles the decoder layers first (:func:`compile_decoder`).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adapter_optimizer(params, cfg.learning_rate)
     recompute = cfg.checkpointing == "on"
     set_checkpointing(model, recompute)
+    if cfg.compile == "on":
+        compile_decoder(model)
     model.train()
     total_loss, total_tokens, seen, start = 0.0, 0, 0, time.perf_counter()
     for _, batch in zip(range(cfg.local_steps), batches, strict=False):

@@ -10,14 +10,14 @@ and fp32) with all threads; training FLOPs per step are counted exactly by
 throughput is tokens (prompt included, padding excluded) over wall time of ``--steps``
 steps, median over ``--repeats`` (CPU seconds beside). Each precision (bf16 autocast, fp32)
 is measured on the same batches, as a fraction of its own peak, as training runs it (bf16:
-frozen base held in bf16; AdamW's default per-tensor step) and with one change each (``bf16-fp32-base``:
-the base left fp32 under autocast; ``*-fused``: PyTorch's fused AdamW, no consistent gain
-here and so not used), the repeats interleaved across variants. ``--compile`` adds
-``bf16-compiled``: a copy of the bf16 model whose decoder layers are each
-``torch.compile(dynamic=True)``'d (regional compilation; the loss runs the decoder without
-its KV cache, which would force recompiles), warmed up on every batch first, the compile time reported
-beside it (not used in training: docs/performance.md). The CPU's features and what
-``train.precision=auto`` picks on it are reported too. Ends with one JSON line.
+frozen base held in bf16, attention in fp32; AdamW's default per-tensor step), compiled as
+``train.compile=on`` runs it (each decoder layer ``torch.compile(dynamic=True)``'d, warmed
+up on every batch first, the compile time reported beside it; ``--no-compile`` skips
+these), and with one change each (``bf16-sdpa-bf16``: transformers' SDPA attention in
+bf16; ``bf16-fp32-base``: the base left fp32 under autocast; ``*-fused``: PyTorch's fused
+AdamW, no consistent gain here and so not used), the repeats interleaved across variants.
+The CPU's features and what ``train.precision=auto`` picks on it are reported too. Ends
+with one JSON line.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgetune.adapters.lora import device_model
 from edgetune.chat import iterate_batches
-from edgetune.client.train import adapter_optimizer
+from edgetune.client.train import adapter_optimizer, compile_decoder
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
 from edgetune.datasets.devices import tokenized_device
 from edgetune.lm import autocast, causal_lm, pad_id, summed_loss
-from edgetune.precision import cpu_flags, resolved_for_this_cpu
+from edgetune.precision import FP32_ATTENTION, cpu_flags, resolved_for_this_cpu
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 7) -> float:
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per precision (median is reported)")
     parser.add_argument("--out", default="bench-out/throughput", help="output folder for result.json")
     parser.add_argument(
-        "--compile", action="store_true", help="also measure bf16 with torch.compile'd decoder layers (compiles first)"
+        "--no-compile", action="store_true", help="skip the compiled variants (each compiles for 20-45 s first)"
     )
     args = parser.parse_args()
 
@@ -133,32 +133,50 @@ def main() -> None:
         "bf16_matmul_peak_gflops": round(peaks["bf16"], 1),
         "fp32_matmul_peak_gflops": round(peaks["fp32"], 1),
     }
-    # (name, precision, model: the bf16-held base or the fp32 one, fused AdamW); the first of
-    # each precision is what training runs today, the others are the changes measured against it.
+    # (name, precision, model, fused AdamW, attention): the first of each precision is what
+    # training runs by default, "-compiled" what train.compile=on (long runs) adds; the others
+    # are one change each against the first: transformers' SDPA in bf16 (attention=sdpa), the
+    # base left fp32 under autocast, fused AdamW.
     variants = [
-        ("bf16", "bf16", "bf16", False),
-        ("bf16-fp32-base", "bf16", "fp32", False),
-        ("bf16-fused", "bf16", "bf16", True),
-        ("fp32", "fp32", "fp32", False),
-        ("fp32-fused", "fp32", "fp32", True),
+        ("bf16", "bf16", "bf16", False, None),
+        ("bf16-sdpa-bf16", "bf16", "bf16", False, "sdpa"),
+        ("bf16-fp32-base", "bf16", "fp32", False, FP32_ATTENTION),
+        ("bf16-fused", "bf16", "bf16", True, None),
+        ("fp32", "fp32", "fp32", False, None),
+        ("fp32-fused", "fp32", "fp32", True, None),
     ]
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
-    if args.compile:
-        models["compiled"] = copy.deepcopy(models["bf16"])
-        for layer in causal_lm(models["compiled"]).model.layers:  # type: ignore[union-attr]
-            layer.compile(dynamic=True)
-        variants.append(("bf16-compiled", "bf16", "compiled", False))
+    if not args.no_compile:
+        for precision in ("bf16", "fp32"):
+            models[f"{precision}-compiled"] = copy.deepcopy(models[precision])
+            compile_decoder(models[f"{precision}-compiled"])
+            variants.insert(
+                1 if precision == "bf16" else len(variants) - 1,
+                (f"{precision}-compiled", precision, f"{precision}-compiled", False, None),
+            )
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
-    for name, precision, model, fused in variants:  # warm-up; compiling takes every batch shape
-        warm = batches if model == "compiled" else batches[:1]
-        seconds, _ = timed_steps(models[model].train(), warm, precision, 1e-3, fused)
-        if model == "compiled":
-            result["compile_warmup_seconds"] = round(seconds, 1)
-            print(f"{name:>15}: compiled and warmed up on {len(warm)} steps in {seconds:.1f} s", flush=True)
+
+    def timed(
+        model: str, precision: str, fused: bool, attention: str | None, warm: list[dict[str, torch.Tensor]]
+    ) -> tuple[float, float]:
+        lm = causal_lm(models[model])
+        own = lm.config._attn_implementation
+        lm.set_attn_implementation(attention or own)
+        try:
+            return timed_steps(models[model].train(), warm, precision, 1e-3, fused)
+        finally:
+            lm.set_attn_implementation(own)
+
+    for name, precision, model, fused, attention in variants:  # warm-up; compiling takes every batch shape
+        compiled = model.endswith("-compiled")
+        seconds, _ = timed(model, precision, fused, attention, batches if compiled else batches[:1])
+        if compiled:
+            result[f"{name}_warmup_seconds"] = round(seconds, 1)
+            print(f"{name:>15}: compiled and warmed up on {len(batches)} steps in {seconds:.1f} s", flush=True)
     for _ in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike
-        for name, precision, model, fused in variants:
-            runs[name].append(timed_steps(models[model], batches, precision, 1e-3, fused))
-    for name, precision, _, _ in variants:
+        for name, precision, model, fused, attention in variants:
+            runs[name].append(timed(model, precision, fused, attention, batches))
+    for name, precision, *_ in variants:
         seconds = statistics.median(w for w, _ in runs[name])
         fractions = [flops[precision] / w / 1e9 / peaks[precision] for w, _ in runs[name]]
         cpu_s = statistics.median(c for _, c in runs[name])
@@ -177,6 +195,8 @@ def main() -> None:
     result["bf16_speedup_over_fp32"] = round(float(result["bf16_tokens_per_s"]) / float(result["fp32_tokens_per_s"]), 2)
     chosen = resolved_for_this_cpu("auto").precision
     result["auto_fraction_of_peak"] = result[f"{chosen}_fraction_of_peak"]
+    if not args.no_compile:
+        result["auto_compiled_fraction_of_peak"] = result[f"{chosen}-compiled_fraction_of_peak"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2))

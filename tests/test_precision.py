@@ -11,6 +11,8 @@ import torch
 
 from edgetune.config import ConfigError, RunConfig, TrainConfig, from_flat
 from edgetune.precision import (
+    COMPILE_MIN_STEPS,
+    FP32_ATTENTION,
     cpu_flags,
     hold_frozen_in_bf16,
     matmul_gflops,
@@ -69,7 +71,7 @@ def test_resolve_run_is_the_default_and_keeps_explicit_configs() -> None:
     resolved = resolve_run(cfg)
     assert resolved.train.precision == resolved_for_this_cpu("auto").precision in ("bf16", "fp32")
     assert resolved.train.local_steps == cfg.train.local_steps and resolved.lora == cfg.lora
-    explicit = RunConfig(train=TrainConfig(precision="fp32", checkpointing="off"))
+    explicit = RunConfig(train=TrainConfig(precision="fp32", checkpointing="off", compile="off"))
     assert resolve_run(explicit) is explicit
     # train.checkpointing=auto: on for a quantised base (a mode for devices short of memory)
     assert resolved.train.checkpointing == "off"
@@ -77,6 +79,28 @@ def test_resolve_run_is_the_default_and_keeps_explicit_configs() -> None:
     assert resolve_run(from_flat({"model.quantize": "int8", "train.checkpointing": "off"})).train.checkpointing == "off"
     with pytest.raises(ConfigError, match="train.precision='fp16'"):
         TrainConfig(precision="fp16")
+    with pytest.raises(ConfigError, match="train.compile='yes'"):
+        TrainConfig(compile="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("flat", "expect"),
+    [
+        ({}, "off"),  # the default run: 3 rounds of 8 steps do not repay compiling
+        ({"model.base": "smollm2", "federation.rounds": 25}, "on"),  # 25 x 8 = COMPILE_MIN_STEPS
+        ({"model.base": "smollm2", "federation.rounds": 24}, "off"),
+        ({"model.base": "tiny", "federation.rounds": 200}, "off"),  # the embedded tiny model never repays it
+        ({"model.base": "smollm2", "federation.rounds": 200, "model.quantize": "int8"}, "off"),
+        ({"model.base": "smollm2", "federation.rounds": 200, "lora.kind": "dora"}, "off"),
+        ({"model.base": "smollm2", "federation.rounds": 200, "train.checkpointing": "on"}, "off"),
+        ({"model.base": "smollm2", "federation.rounds": 200, "train.engine": "onnxruntime"}, "off"),
+        ({"train.compile": "on"}, "on"),  # an explicit choice wins
+        ({"model.base": "smollm2", "federation.rounds": 200, "train.compile": "off"}, "off"),
+    ],
+)
+def test_compile_auto_turns_on_where_it_pays(flat: dict[str, object], expect: str) -> None:
+    assert COMPILE_MIN_STEPS == 25 * TrainConfig().local_steps
+    assert resolve_run(from_flat(flat)).train.compile == expect
     with pytest.raises(ValueError, match="expected auto, bf16 or fp32"):
         resolve_precision("fp16")
 
@@ -148,3 +172,68 @@ def test_the_measurement_picks_fp32_where_bf16_matmuls_are_emulated() -> None:
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.split()[0] == "fp32", out.stdout
+
+
+def test_bf16_device_models_attend_in_fp32_with_the_padding_mask() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from edgetune.adapters.lora import device_model
+    from edgetune.config import LoraConfig
+    from edgetune.lm import causal_lm
+    from edgetune.precision import _sdpa_in_fp32
+
+    held, _ = device_model("tiny", LoraConfig(rank=4), "none", "bf16")
+    plain, _ = device_model("tiny", LoraConfig(rank=4), "none", "fp32")
+    assert causal_lm(held).config._attn_implementation == FP32_ATTENTION
+    assert causal_lm(plain).config._attn_implementation == "sdpa"  # fp32 keeps transformers' default
+    # The same attention as SDPA on fp32 inputs, handed back in bf16.
+    gen = torch.Generator().manual_seed(0)
+    config, layer = causal_lm(held).config, causal_lm(held).model.layers[0].self_attn
+    heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    q = torch.randn(2, heads, 6, dim, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(2, config.num_key_value_heads, 6, dim, generator=gen).to(torch.bfloat16) for _ in "kv")
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = _sdpa_in_fp32(layer, q, k, v, mask, scaling=0.5)
+    expected, _ = sdpa_attention_forward(layer, q.float(), k.float(), v.float(), mask, scaling=0.5)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
+    # Padding is masked: a left-padded row's logits match the row alone.
+    ids = torch.randint(3, 100, (1, 7), generator=gen)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    attention = (padded != 0).long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        alone = held(input_ids=ids).logits
+        left = held(input_ids=padded, attention_mask=attention, position_ids=positions).logits
+    torch.testing.assert_close(left[:, 3:].float(), alone.float(), rtol=0.02, atol=0.02)
+
+
+def test_compiled_training_matches_eager_and_evaluation_stays_uncompiled(tiny_model, tiny_tokenizer) -> None:
+    import copy
+
+    from edgetune.adapters.lora import attach_lora
+    from edgetune.chat import iterate_batches
+    from edgetune.client.train import train_local, uncompiled
+    from edgetune.config import DataConfig, LoraConfig
+    from edgetune.datasets.devices import tokenized_device
+    from edgetune.lm import causal_lm, evaluate, pad_id
+
+    torch._dynamo.reset()
+    eager = attach_lora(tiny_model, LoraConfig(rank=4))
+    compiled = copy.deepcopy(eager)
+    data = tokenized_device(DataConfig(max_length=128), "", 0, 4, 0, tiny_tokenizer)
+    stats = []
+    for model, mode in ((eager, "off"), (compiled, "on")):
+        batches = iterate_batches(data.train, 2, 3, 0, pad_id(tiny_tokenizer))  # lengths vary: no recompiles
+        stats.append(train_local(model, batches, TrainConfig(local_steps=3, batch_size=2, compile=mode)))
+    layers = causal_lm(compiled).model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in causal_lm(eager).model.layers)
+    assert stats[1].loss == pytest.approx(stats[0].loss, rel=1e-4)
+    trained = [{n: p for n, p in m.named_parameters() if p.requires_grad} for m in (eager, compiled)]
+    torch.testing.assert_close(trained[0], trained[1], rtol=1e-3, atol=1e-5)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with uncompiled():
+        held_out = [evaluate(m, data.heldout[:4], pad_id(tiny_tokenizer), 2, "fp32").loss for m in (eager, compiled)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # nothing compiled for evaluation
+    assert held_out[1] == pytest.approx(held_out[0], rel=1e-4)

@@ -91,8 +91,11 @@ def _extras(cfg: RunConfig) -> str:
     parts = []
     if cfg.model.quantize != "none":
         parts.append(f"{cfg.model.quantize} base")
-    if resolve_run(cfg).train.checkpointing == "on":
+    resolved = resolve_run(cfg).train
+    if resolved.checkpointing == "on":
         parts.append("activations recomputed (train.checkpointing)")
+    if resolved.compile == "on":
+        parts.append("compiled decoder layers (train.compile)")
     if cfg.dp.enabled:
         parts.append(f"user-level DP (z={cfg.dp.noise_multiplier:g}, C={cfg.dp.clip_norm:g}, delta={cfg.dp.delta:g})")
     if cfg.rag.enabled:
