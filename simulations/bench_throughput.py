@@ -5,7 +5,8 @@ machine's matrix-multiply peak in the same precision that it reaches, measured i
     python -m edgetune.simulations.bench_throughput --base tiny --steps 3 --out bench-out/throughput
 
 Method: each precision's peak is the median GFLOP/s of repeated square matmuls (n=2048, bf16
-and fp32) with all threads; training FLOPs per step are counted exactly by
+and fp32) with all threads, measured again before every repeat (each repeat's fraction is
+against the peak just before it, so a busy spell slows both); training FLOPs per step are counted exactly by
 ``torch.utils.flop_counter`` on one step (forward + backward, the matmuls that really run);
 throughput is tokens (prompt included, padding excluded) over wall time of ``--steps``
 steps, median over ``--repeats`` (CPU seconds beside). Each precision (bf16 autocast, fp32)
@@ -112,7 +113,14 @@ def main() -> None:
     batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer)))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(int(b["attention_mask"].numel()) for b in batches)
-    peaks = {"bf16": matmul_peak_gflops(torch.bfloat16), "fp32": matmul_peak_gflops(torch.float32)}
+    peak_runs: dict[str, list[float]] = {"bf16": [], "fp32": []}
+
+    def measure_peaks() -> None:
+        for dtype, precision in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            peak_runs[precision].append(matmul_peak_gflops(dtype))
+
+    measure_peaks()
+    peaks = {p: g[0] for p, g in peak_runs.items()}
     features = cpu_features()
     print(
         f"CPU: {', '.join(features['flags']) or 'no listed flags'}; torch capability "  # type: ignore[arg-type]
@@ -130,8 +138,6 @@ def main() -> None:
         "padding_fraction": round(1 - tokens / padded, 4),
         "threads": torch.get_num_threads(),
         "cpu": features,
-        "bf16_matmul_peak_gflops": round(peaks["bf16"], 1),
-        "fp32_matmul_peak_gflops": round(peaks["fp32"], 1),
     }
     # (name, precision, model, fused AdamW, attention): the first of each precision is what
     # training runs by default, "-compiled" what train.compile=on (long runs) adds; the others
@@ -173,12 +179,20 @@ def main() -> None:
         if compiled:
             result[f"{name}_warmup_seconds"] = round(seconds, 1)
             print(f"{name:>15}: compiled and warmed up on {len(batches)} steps in {seconds:.1f} s", flush=True)
+    for measured in peak_runs.values():  # the peaks again in every repeat: a busy spell hits them too
+        measured.clear()
     for _ in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike
+        measure_peaks()
         for name, precision, model, fused, attention in variants:
             runs[name].append(timed(model, precision, fused, attention, batches))
+    peaks = {p: statistics.median(g) for p, g in peak_runs.items()}
+    for precision, measured in peak_runs.items():
+        result[f"{precision}_matmul_peak_gflops"] = round(peaks[precision], 1)
+        result[f"{precision}_matmul_peak_gflops_runs"] = [round(g, 1) for g in measured]
     for name, precision, *_ in variants:
         seconds = statistics.median(w for w, _ in runs[name])
-        fractions = [flops[precision] / w / 1e9 / peaks[precision] for w, _ in runs[name]]
+        # each repeat against the peak measured just before it
+        fractions = [flops[precision] / w / 1e9 / g for (w, _), g in zip(runs[name], peak_runs[precision], strict=True)]
         cpu_s = statistics.median(c for _, c in runs[name])
         result[f"{name}_tokens_per_s"] = round(tokens / seconds, 1)
         result[f"{name}_seconds"] = round(seconds, 3)
