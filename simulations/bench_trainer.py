@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds (default: 2)")
     parser.add_argument("--steps", type=int, default=TrainConfig().local_steps, help="local steps per round")
     parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="conversations per step")
+    parser.add_argument(
+        "--lr", type=float, default=TrainConfig().learning_rate, metavar="RATE", help="learning rate of both sides"
+    )
     parser.add_argument("--out", default="bench-out/trainer", help="output folder for result.json and the run")
     args = parser.parse_args()
     out = Path(args.out)
@@ -177,7 +180,9 @@ def main() -> None:
         run_dir=str(out / "edgetune-run"),
         model=ModelConfig(base=args.base),
         data=DataConfig(max_length=128) if args.base == "tiny" else DataConfig(),
-        train=TrainConfig(local_steps=args.steps, batch_size=args.batch_size, precision=precision),
+        train=TrainConfig(
+            local_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, precision=precision
+        ),
         federation=FederationConfig(rounds=args.rounds, num_devices=args.devices),
     )
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
@@ -210,6 +215,7 @@ def main() -> None:
         "rounds": args.rounds,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "learning_rate": args.lr,
         "precision": precision,
         "cpu": features,
         **results,
