@@ -24,10 +24,10 @@ __all__ = ["register"]
 DEFAULT_STATE = Path("~/.edgetune/server")
 DEFAULT_CONTROL = "127.0.0.1:9093"
 
-# edgetune run flag -> flat config key: simulate's flags that make sense for real devices
+# edgetune run flag -> (flat config key, metavar, help): simulate's flags that make sense for real devices
 _RUN_FLAGS = {
     **{flag: SIMULATE_FLAGS[flag] for flag in ("base", "rounds", "per_round", "codec", "steps", "seed")},
-    "devices": ("federation.num-devices", "devices the server waits for before round 1"),
+    "devices": ("federation.num-devices", "N", "devices the server waits for before round 1"),
 }
 
 _PLAINTEXT_WARNING = (
@@ -303,10 +303,13 @@ def _register_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--run-dir",
         default="runs/devices",
+        metavar="DIR",
         help="run folder on the server machine (made absolute; default: %(default)s)",
     )
-    for flag, (key, text) in _RUN_FLAGS.items():
-        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, metavar="X", help=f"{text} (default: {defaults[key]})")
+    for flag, (key, metavar, text) in _RUN_FLAGS.items():
+        p.add_argument(
+            f"--{flag.replace('_', '-')}", dest=flag, metavar=metavar, help=f"{text} (default: {defaults[key]})"
+        )
     p.add_argument(
         "--set",
         action="append",
@@ -327,7 +330,7 @@ def _register_run(sub: argparse._SubParsersAction) -> None:
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The run config from ``edgetune run``'s flags; the run folder made absolute."""
     flat: dict[str, object] = {"run-dir": str(Path(args.run_dir).expanduser().resolve())}
-    for flag, (key, _) in _RUN_FLAGS.items():
+    for flag, (key, *_) in _RUN_FLAGS.items():
         if getattr(args, flag) is not None:
             flat[key] = getattr(args, flag)
     flat.update(parse_overrides(args.set))

@@ -39,6 +39,7 @@ _FIELD_FLAGS = {  # flag -> (type, help); defaults come from DistillConfig
 }
 
 _UNSET_DEFAULTS = {"cache_dir": "~/.cache/edgetune/distill"}
+_METAVARS: dict[type, str] = {int: "N", float: "VALUE", Path: "DIR"}  # a str flag shows its own name
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,10 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sequence-level (the teacher's answers) distillation. Writes a plain Hugging Face folder with a model "
         "card (README.md) and distill.json; `edgetune simulate --base OUT` uses it as the fleet's base model.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder for the student (must be empty)")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="output folder for the student (must be empty)"
+    )
     for name, (kind, text) in _FIELD_FLAGS.items():
         parser.add_argument(
-            f"--{name.replace('_', '-')}", dest=name, type=kind, metavar="X",
+            f"--{name.replace('_', '-')}", dest=name, type=kind, metavar=_METAVARS.get(kind, name.upper()),
             help=f"{text} (default: {getattr(defaults, name) or _UNSET_DEFAULTS.get(name, 0)})",
         )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")

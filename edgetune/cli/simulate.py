@@ -21,20 +21,20 @@ from edgetune.processes import EXIT_INTERRUPTED
 
 __all__ = ["SIMULATE_FLAGS", "config_from_args", "register"]
 
-# flag -> flat config key
+# flag -> (flat config key, metavar, help)
 SIMULATE_FLAGS = {
-    "base": ("model.base", "base model: smollm2 (embedded), tiny, or a local HF folder / .gguf file"),
-    "rounds": ("federation.rounds", "training rounds"),
-    "devices": ("federation.num-devices", "virtual devices in the federation"),
-    "per_round": ("federation.devices-per-round", "devices sampled for training per round (0: all)"),
-    "codec": ("federation.codec", f"exchange codec, both directions: {', '.join(CODECS)}"),
-    "steps": ("train.local-steps", "local optimizer steps per device per round"),
-    "batch_size": ("train.batch-size", "conversations per local step"),
-    "lr": ("train.learning-rate", "local AdamW learning rate"),
-    "data": ("data.source", "chatterbot (embedded corpus) or a JSONL file / folder of JSONL files"),
-    "partition": ("data.partition", "lang-topic (natural non-IID), iid or dirichlet"),
-    "seed": ("seed", "run seed (LoRA A init, sampling, splits, shuffles)"),
-    "run_dir": ("run-dir", "run folder for config, checkpoints, metrics, adapter and plots"),
+    "base": ("model.base", "MODEL", "base model: smollm2 (embedded), tiny, or a local HF folder / .gguf file"),
+    "rounds": ("federation.rounds", "N", "training rounds"),
+    "devices": ("federation.num-devices", "N", "virtual devices in the federation"),
+    "per_round": ("federation.devices-per-round", "N", "devices sampled for training per round (0: all)"),
+    "codec": ("federation.codec", "CODEC", f"exchange codec, both directions: {', '.join(CODECS)}"),
+    "steps": ("train.local-steps", "K", "local optimizer steps per device per round"),
+    "batch_size": ("train.batch-size", "N", "conversations per local step"),
+    "lr": ("train.learning-rate", "RATE", "local AdamW learning rate"),
+    "data": ("data.source", "SOURCE", "chatterbot (embedded corpus) or a JSONL file / folder of JSONL files"),
+    "partition": ("data.partition", "SCHEME", "lang-topic (natural non-IID), iid or dirichlet"),
+    "seed": ("seed", "SEED", "run seed (LoRA A init, sampling, splits, shuffles)"),
+    "run_dir": ("run-dir", "DIR", "run folder for config, checkpoints, metrics, adapter and plots"),
 }
 
 
@@ -48,9 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "1-bit deltas both ways. Writes metrics.jsonl, a PEFT adapter, loss.png and bytes.png to the run folder.",
     )
     defaults = to_flat(RunConfig())
-    for flag, (key, text) in SIMULATE_FLAGS.items():
+    for flag, (key, metavar, text) in SIMULATE_FLAGS.items():
         sim.add_argument(
-            f"--{flag.replace('_', '-')}", dest=flag, metavar="X", help=f"{text} (default: {defaults[key]})"
+            f"--{flag.replace('_', '-')}", dest=flag, metavar=metavar, help=f"{text} (default: {defaults[key]})"
         )
     sim.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last completed round")
     sim.add_argument(
@@ -76,7 +76,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.resume:
         flat.update(read_run_config(args.resume))
         flat["run-dir"] = args.resume
-    for flag, (key, _) in SIMULATE_FLAGS.items():
+    for flag, (key, *_) in SIMULATE_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             flat[key] = value
