@@ -16,6 +16,7 @@ from peft import PeftModel
 from edgetune.config import TrainConfig
 from edgetune.lm import StepStats, autocast, causal_lm, summed_loss
 from edgetune.memory import return_free_heap
+from edgetune.precision import compiler_found
 
 __all__ = ["adapter_optimizer", "compile_decoder", "set_checkpointing", "train_local", "uncompiled"]
 
@@ -40,7 +41,12 @@ def compile_decoder(model: PeftModel) -> None:
     recompiling. The compiled code runs the first time a layer is called (20-45 s on
     SmolLM2 with the inductor cache cold). Evaluation runs without it
     (:func:`uncompiled`).
+
+    Raises:
+        ValueError: no C++ compiler for inductor's kernels on this machine.
     """
+    if not compiler_found():
+        raise ValueError("train.compile=on: torch.compile's CPU backend needs a C++ compiler (g++, clang++ or $CXX)")
     for layer in causal_lm(model).model.layers:  # type: ignore[union-attr]
         if getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile(dynamic=True)

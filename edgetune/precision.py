@@ -55,6 +55,7 @@ __all__ = [
     "FP32_ATTENTION",
     "Resolved",
     "attend_in_fp32",
+    "compiler_found",
     "cpu_flags",
     "hold_frozen_in_bf16",
     "matmul_gflops",
@@ -140,6 +141,19 @@ COMPILE_MIN_STEPS = 200
 SmolLM2's decoder layers took 20-45 s and saved about 0.2 s per step of 8 conversations."""
 
 
+@functools.cache
+def compiler_found() -> bool:
+    """Whether ``torch.compile``'s CPU backend (inductor) finds the C++ compiler it builds its
+    kernels with (``g++``/``clang++``, or ``$CXX``); a phone or a slim image may have none."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001  # inductor raises its own InvalidCxxCompiler, or an OSError
+        return False
+    return True
+
+
 def resolve_run(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``train.precision`` resolved for this CPU, ``train.checkpointing=auto``
     for its base (``on`` for a quantised one) and ``train.compile=auto`` for the run (see
@@ -156,6 +170,7 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
             and cfg.federation.rounds * t.local_steps >= COMPILE_MIN_STEPS
             and (cfg.lora.kind, cfg.model.quantize, checkpointing, t.engine) == ("lora", "none", "off", "pytorch")
             and not t.ort_devices
+            and compiler_found()
         )
         compiled = "on" if pays else "off"
     if (chosen, checkpointing, compiled) == (t.precision, t.checkpointing, t.compile):

@@ -237,3 +237,17 @@ def test_compiled_training_matches_eager_and_evaluation_stays_uncompiled(tiny_mo
         held_out = [evaluate(m, data.heldout[:4], pad_id(tiny_tokenizer), 2, "fp32").loss for m in (eager, compiled)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # nothing compiled for evaluation
     assert held_out[1] == pytest.approx(held_out[0], rel=1e-4)
+
+
+def test_without_a_cpp_compiler_auto_does_not_compile_and_on_fails_in_one_line(monkeypatch, tiny_model) -> None:
+    import edgetune.client.train as client_train
+    import edgetune.precision as precision
+    from edgetune.adapters.lora import attach_lora
+    from edgetune.config import LoraConfig
+
+    monkeypatch.setattr(precision, "compiler_found", lambda: False)
+    monkeypatch.setattr(client_train, "compiler_found", lambda: False)
+    long_run = from_flat({"model.base": "smollm2", "federation.rounds": 200})
+    assert resolve_run(long_run).train.compile == "off"
+    with pytest.raises(ValueError, match=r"^train.compile=on: torch.compile's CPU backend needs a C\+\+ compiler"):
+        client_train.compile_decoder(attach_lora(tiny_model, LoraConfig(rank=4)))
