@@ -205,7 +205,7 @@ def attend_in_fp32(model: nn.Module) -> None:
     for the backward: about 850 MB at batch 8 x 256 tokens). Attention is a small share of
     the FLOPs; the projections around it stay bf16.
     """
-    causal_lm(model).set_attn_implementation(FP32_ATTENTION)
+    causal_lm(model).set_attn_implementation(FP32_ATTENTION)  # type: ignore[operator]  # a PreTrainedModel
 
 
 def hold_frozen_in_bf16(model: nn.Module) -> int:
