@@ -259,7 +259,7 @@ def _png_is_blank(data: bytes) -> bool:
 @pytest.fixture(scope="module")
 def audit_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny audit simulation (DP off, exact fp32 exchange, one device whose 40 short
-    conversations sit beside 2 canaries x 20 copies) and its report with the empirical tests."""
+    conversations sit beside 2 canaries x 30 copies) and its report with the empirical tests."""
     from edgetune.simulations.simulate import simulate
 
     root = tmp_path_factory.mktemp("audit")
@@ -282,7 +282,7 @@ def audit_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "federation.num-devices": 1,
         "federation.codec": "fp32",
         "audit.canaries": 2,
-        "audit.canary-repeats": 20,
+        "audit.canary-repeats": 30,
     }
     simulate(from_flat(flat))
     report = build_report(run, empirical=True, references=64, max_examples=40, reps=200)
