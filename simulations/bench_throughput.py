@@ -113,19 +113,10 @@ def main() -> None:
     batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer)))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(int(b["attention_mask"].numel()) for b in batches)
-    peak_runs: dict[str, list[float]] = {"bf16": [], "fp32": []}
-
-    def measure_peaks() -> None:
-        for dtype, precision in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-            peak_runs[precision].append(matmul_peak_gflops(dtype))
-
-    measure_peaks()
-    peaks = {p: g[0] for p, g in peak_runs.items()}
     features = cpu_features()
     print(
         f"CPU: {', '.join(features['flags']) or 'no listed flags'}; torch capability "  # type: ignore[arg-type]
-        f"{features['torch_cpu_capability']}; matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 "
-        f"{peaks['fp32']:.0f} GFLOP/s; train.precision=auto -> {features['auto_precision']}",
+        f"{features['torch_cpu_capability']}; train.precision=auto -> {features['auto_precision']}",
         flush=True,
     )
     result: dict[str, object] = {
@@ -145,21 +136,21 @@ def main() -> None:
     # base left fp32 under autocast, fused AdamW.
     variants = [
         ("bf16", "bf16", "bf16", False, None),
+        ("bf16-compiled", "bf16", "bf16-compiled", False, None),
         ("bf16-sdpa-bf16", "bf16", "bf16", False, "sdpa"),
         ("bf16-fp32-base", "bf16", "fp32", False, FP32_ATTENTION),
         ("bf16-fused", "bf16", "bf16", True, None),
         ("fp32", "fp32", "fp32", False, None),
+        ("fp32-compiled", "fp32", "fp32-compiled", False, None),
         ("fp32-fused", "fp32", "fp32", True, None),
     ]
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
-    if not args.no_compile:
+    if args.no_compile:
+        variants = [v for v in variants if not v[2].endswith("-compiled")]
+    else:
         for precision in ("bf16", "fp32"):
             models[f"{precision}-compiled"] = copy.deepcopy(models[precision])
             compile_decoder(models[f"{precision}-compiled"])
-            variants.insert(
-                1 if precision == "bf16" else len(variants) - 1,
-                (f"{precision}-compiled", precision, f"{precision}-compiled", False, None),
-            )
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
 
     def timed(
@@ -179,10 +170,10 @@ def main() -> None:
         if compiled:
             result[f"{name}_warmup_seconds"] = round(seconds, 1)
             print(f"{name:>15}: compiled and warmed up on {len(batches)} steps in {seconds:.1f} s", flush=True)
-    for measured in peak_runs.values():  # the peaks again in every repeat: a busy spell hits them too
-        measured.clear()
-    for _ in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike
-        measure_peaks()
+    peak_runs: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    for _ in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike, and the peaks
+        for dtype, precision in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            peak_runs[precision].append(matmul_peak_gflops(dtype))
         for name, precision, model, fused, attention in variants:
             runs[name].append(timed(model, precision, fused, attention, batches))
     peaks = {p: statistics.median(g) for p, g in peak_runs.items()}
