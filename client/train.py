@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from peft import PeftModel
 
+from edgetune.chat import pack_rows
 from edgetune.config import TrainConfig
 from edgetune.lm import StepStats, autocast, causal_lm, summed_loss
 from edgetune.memory import return_free_heap
@@ -73,6 +74,8 @@ def train_local(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cf
     """Run ``cfg.local_steps`` AdamW steps on the trainable adapter tensors.
 
     The optimizer is fresh each round (devices keep no optimizer state between rounds).
+    Each batch's examples are packed into as few rows as hold them (:func:`pack_rows`), so
+    padding costs no work.
     ``cfg.checkpointing`` (resolved: ``on`` or ``off``) sets activation checkpointing on the
     decoder layers and the LM head (:func:`edgetune.lm.summed_loss`, ``chunked``); with it on,
     the freed heap goes back to the OS after every step (:mod:`edgetune.memory`).
@@ -88,7 +91,7 @@ def train_local(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cf
     total_loss, total_tokens, seen, start = 0.0, 0, 0, time.perf_counter()
     for _, batch in zip(range(cfg.local_steps), batches, strict=False):
         with autocast(cfg.precision):
-            loss_sum, n = summed_loss(model, batch, chunked=recompute)
+            loss_sum, n = summed_loss(model, pack_rows(batch), chunked=recompute)
         (loss_sum / max(n, 1)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

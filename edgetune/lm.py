@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from edgetune.chat import IGNORE_INDEX, Batch, Example, collate
+from edgetune.chat import IGNORE_INDEX, Batch, Example, collate, pack_rows
 from edgetune.types import Precision
 
 __all__ = [
@@ -85,7 +85,9 @@ def label_mask(batch: Batch) -> Tensor:
 def _label_rows(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, nn.Module]:
     """The decoder's last hidden state at the labelled positions (N, H), their labels (N,), the head."""
     lm: Any = causal_lm(model)  # a Hugging Face causal LM: .model (the decoder) and .lm_head
-    decoder = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    packed = "position_ids" in batch  # pack_rows: the mask comes from the positions
+    where = {"position_ids": batch["position_ids"]} if packed else {"attention_mask": batch["attention_mask"]}
+    decoder = lm.model(input_ids=batch["input_ids"], use_cache=False, **where)
     keep = label_mask(batch)  # (B, T-1)
     return decoder.last_hidden_state[:, :-1][keep], batch["labels"][:, 1:][keep], lm.lm_head
 
@@ -140,7 +142,7 @@ def evaluate(
     for i in range(0, len(items), batch_size):
         batch = collate(items[i : i + batch_size], pad)
         with autocast(precision):
-            loss_sum, n = summed_loss(model, batch)
+            loss_sum, n = summed_loss(model, pack_rows(batch))
         total_loss += float(loss_sum)
         total_tokens += n
         seen += int(batch["attention_mask"].sum())

@@ -9,7 +9,8 @@ and fp32) with all threads, measured again before every repeat (each repeat's fr
 against the peak just before it, so a busy spell slows both); training FLOPs per step are counted exactly by
 ``torch.utils.flop_counter`` on one step (forward + backward, the matmuls that really run);
 throughput is tokens (prompt included, padding excluded) over wall time of ``--steps``
-steps, median over ``--repeats`` (CPU seconds beside). Each precision (bf16 autocast, fp32)
+steps, median over ``--repeats`` (CPU seconds beside), on the batches packed as training
+packs them (``edgetune.chat.pack_rows``). Each precision (bf16 autocast, fp32)
 is measured on the same batches, as a fraction of its own peak, as training runs it (bf16:
 frozen base held in bf16, attention in fp32; AdamW's default per-tensor step), compiled as
 ``train.compile=on`` runs it (each decoder layer ``torch.compile(dynamic=True)``'d, warmed
@@ -34,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgetune.adapters.lora import device_model
-from edgetune.chat import iterate_batches
+from edgetune.chat import iterate_batches, pack_rows
 from edgetune.client.train import adapter_optimizer, compile_decoder
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
 from edgetune.datasets.devices import tokenized_device
@@ -110,7 +111,8 @@ def main() -> None:
     tokenizer = loaded[False][1]
     models = {"fp32": loaded[False][0], "bf16": loaded[True][0]}
     data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
-    batches = list(iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer)))
+    collated = iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer))
+    batches = [pack_rows(b) for b in collated]  # as train_local steps them
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(int(b["attention_mask"].numel()) for b in batches)
     features = cpu_features()
@@ -126,7 +128,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "tokens_per_run": tokens,
-        "padding_fraction": round(1 - tokens / padded, 4),
+        "padding_fraction": round(1 - tokens / padded, 4),  # what pack_rows leaves
         "threads": torch.get_num_threads(),
         "cpu": features,
     }

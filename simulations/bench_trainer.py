@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from edgetune.adapters.delta import weighted_mean
 from edgetune.adapters.lora import attach_lora, get_adapter, init_adapter, model_adapter_shapes, set_adapter
@@ -103,6 +103,7 @@ def _trainer_update(
         dataloader_num_workers=0,
     )
     trainer = _RoundTrainer(batches, model=model, args=args, train_dataset=device.train)
+    trainer.remove_callback(PrinterCallback)  # its end-of-training metrics line, once per update
     trainer.train()
     return sum(int(b["attention_mask"].sum()) for b in batches)
 
@@ -162,52 +163,87 @@ def run_edgetune(cfg: RunConfig) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
-    parser.add_argument("--devices", type=int, default=4, help="devices, all trained every round (default: 4)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds (default: 2)")
-    parser.add_argument("--steps", type=int, default=TrainConfig().local_steps, help="local steps per round")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="conversations per step")
-    parser.add_argument(
-        "--lr", type=float, default=TrainConfig().learning_rate, metavar="RATE", help="learning rate of both sides"
-    )
-    parser.add_argument("--out", default="bench-out/trainer", help="output folder for result.json and the run")
-    args = parser.parse_args()
-    out = Path(args.out)
-    precision = resolved_for_this_cpu("auto").precision
-    cfg = RunConfig(
-        run_dir=str(out / "edgetune-run"),
-        model=ModelConfig(base=args.base),
-        data=DataConfig(max_length=128) if args.base == "tiny" else DataConfig(),
-        train=TrainConfig(
-            local_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, precision=precision
-        ),
-        federation=FederationConfig(rounds=args.rounds, num_devices=args.devices),
-    )
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    results = {"edgetune": run_edgetune(cfg), "trainer": run_trainer(cfg)}
-    features = cpu_features()
-    print(f"precision {precision}; CPU: {features}")
-    print(
-        f"{'':>9} {'updates/h (CPU)':>15} {'CPU s/1k tokens':>15} {'up B/round':>11} {'down B/round':>12}"
-        f" {'held-out loss':>20}"
-    )
-    for name, r in results.items():
-        r["updates_per_cpu_hour"] = 3600 / r["cpu_seconds_per_update"]
-        print(
-            f"{name:>9} {r['updates_per_cpu_hour']:>15.0f} {r['cpu_seconds_per_1k_tokens']:>15.2f}"
-            f" {r['bytes_up_per_round']:>11,.0f} {r['bytes_down_per_round']:>12,.0f}"
-            f" {r['heldout_loss_before']:>9.4f} -> {r['heldout_loss']:.4f}"
-        )
-    e, t = results["edgetune"], results["trainer"]
-    ratios = {
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates like 2e-3,8e-3, got {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"learning rates must be > 0, got {text!r}")
+    return rates
+
+
+def _ratios(e: dict[str, float], t: dict[str, float]) -> dict[str, float]:
+    return {
         "updates_per_hour": round(e["updates_per_cpu_hour"] / t["updates_per_cpu_hour"], 2),
         "tokens_per_cpu_second": round(t["cpu_seconds_per_1k_tokens"] / e["cpu_seconds_per_1k_tokens"], 2),
         "fewer_bytes_up": round(t["bytes_up_per_round"] / e["bytes_up_per_round"], 1),
         "fewer_bytes_down": round(t["bytes_down_per_round"] / e["bytes_down_per_round"], 1),
+        "heldout_loss_edgetune": round(e["heldout_loss"], 4),
+        "heldout_loss_trainer": round(t["heldout_loss"], 4),
     }
-    print(f"edgetune / trainer: {ratios}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="smollm2", metavar="MODEL", help="base model (default: smollm2)")
+    parser.add_argument(
+        "--devices", type=int, default=4, metavar="N", help="devices, all trained every round (default: 4)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, metavar="N", help="rounds (default: 2)")
+    parser.add_argument(
+        "--steps", type=int, default=TrainConfig().local_steps, metavar="K", help="local steps per round"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=TrainConfig().batch_size, metavar="N", help="conversations per step"
+    )
+    parser.add_argument(
+        "--lr",
+        type=_rates,
+        default=[TrainConfig().learning_rate],
+        metavar="RATE[,RATE...]",
+        help="learning rates, each run on both sides; with several, each side is also compared at its best",
+    )
+    parser.add_argument(
+        "--out", default="bench-out/trainer", metavar="DIR", help="output folder for result.json and the runs"
+    )
+    args = parser.parse_args()
+    out = Path(args.out)
+    precision = resolved_for_this_cpu("auto").precision
+    features = cpu_features()
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    for rate in args.lr:
+        cfg = RunConfig(
+            run_dir=str(out / f"edgetune-run-lr{rate:g}"),
+            model=ModelConfig(base=args.base),
+            data=DataConfig(max_length=128) if args.base == "tiny" else DataConfig(),
+            train=TrainConfig(
+                local_steps=args.steps, batch_size=args.batch_size, learning_rate=rate, precision=precision
+            ),
+            federation=FederationConfig(rounds=args.rounds, num_devices=args.devices),
+        )
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+        runs[f"{rate:g}"] = {"edgetune": run_edgetune(cfg), "trainer": run_trainer(cfg)}
+    print(f"precision {precision}; CPU: {features}")
+    print(
+        f"{'rate':>7} {'':>9} {'updates/h (CPU)':>15} {'CPU s/1k tokens':>15} {'up B/round':>11}"
+        f" {'down B/round':>12} {'held-out loss':>20}"
+    )
+    for rate, results in runs.items():
+        for name, r in results.items():
+            r["updates_per_cpu_hour"] = 3600 / r["cpu_seconds_per_update"]
+            print(
+                f"{rate:>7} {name:>9} {r['updates_per_cpu_hour']:>15.0f} {r['cpu_seconds_per_1k_tokens']:>15.2f}"
+                f" {r['bytes_up_per_round']:>11,.0f} {r['bytes_down_per_round']:>12,.0f}"
+                f" {r['heldout_loss_before']:>9.4f} -> {r['heldout_loss']:.4f}"
+            )
+    ratios = {rate: _ratios(r["edgetune"], r["trainer"]) for rate, r in runs.items()}
+    for rate, ratio in ratios.items():
+        print(f"edgetune / trainer at {rate}: {ratio}")
+    best = {side: min(runs, key=lambda rate: runs[rate][side]["heldout_loss"]) for side in ("edgetune", "trainer")}
+    at_best = _ratios(runs[best["edgetune"]]["edgetune"], runs[best["trainer"]]["trainer"])
+    if len(runs) > 1:
+        print(f"each at its best rate (edgetune {best['edgetune']}, trainer {best['trainer']}): {at_best}")
     result = {
         "benchmark": "trainer",
         "base": args.base,
@@ -215,11 +251,13 @@ def main() -> None:
         "rounds": args.rounds,
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "learning_rate": args.lr,
+        "learning_rates": args.lr,
         "precision": precision,
         "cpu": features,
-        **results,
+        "runs": runs,
         "edgetune_over_trainer": ratios,
+        "best_rate": best,
+        "edgetune_over_trainer_at_best_rates": at_best,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2))

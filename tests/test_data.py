@@ -27,6 +27,7 @@ from edgetune.chat import (
     iterate_batches,
     load_jsonl,
     pack,
+    pack_rows,
     tokenize_conversation,
 )
 
@@ -217,6 +218,30 @@ def test_collate_right_pads():
     assert count_label_tokens(batch) == 3
     with pytest.raises(ValueError, match="at least one example"):
         collate([], pad_id=0)
+
+
+def test_pack_rows_lays_examples_end_to_end_in_fewer_rows():
+    examples = [
+        {"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, 4, 5]},
+        {"input_ids": [6, 7], "labels": [-100, 7]},
+        {"input_ids": [8, 9, 10], "labels": [8, 9, 10]},
+    ]
+    batch = collate(examples, pad_id=0)
+    packed = pack_rows(batch)
+    # Longest first: [5] alone, then 3 and 2 share a row of the batch's width.
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5], [8, 9, 10, 6, 7]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1]]
+    # An example's first token is never predicted, packed or not: its label goes.
+    assert packed["labels"].tolist() == [[-100, 2, 3, 4, 5], [-100, 9, 10, -100, 7]]
+    assert packed["attention_mask"].sum() == batch["attention_mask"].sum() == 10
+    assert count_label_tokens(packed) == count_label_tokens(batch) - 1  # only the first, unused label
+    # Room left at a row's end continues the last example's positions.
+    tail = pack_rows(collate([*examples, {"input_ids": [11], "labels": [11]}], pad_id=0))
+    assert tail["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    assert tail["attention_mask"][2].tolist() == [1, 0, 0, 0, 0]
+    # Nothing to gain: the batch itself.
+    same = collate(examples[:2], pad_id=0)
+    assert pack_rows(same) is same
 
 
 def numbered(n: int) -> list[dict[str, list[int]]]:

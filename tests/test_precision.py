@@ -251,3 +251,34 @@ def test_without_a_cpp_compiler_auto_does_not_compile_and_on_fails_in_one_line(m
     assert resolve_run(long_run).train.compile == "off"
     with pytest.raises(ValueError, match=r"^train.compile=on: torch.compile's CPU backend needs a C\+\+ compiler"):
         client_train.compile_decoder(attach_lora(tiny_model, LoraConfig(rank=4)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_rows_give_the_padded_batchs_loss_and_gradients(precision: str) -> None:
+    from edgetune.adapters.lora import device_model
+    from edgetune.chat import collate, pack_rows
+    from edgetune.config import DataConfig, LoraConfig
+    from edgetune.datasets.devices import tokenized_device
+    from edgetune.lm import autocast, pad_id, summed_loss
+
+    model, tokenizer = device_model("tiny", LoraConfig(rank=4), "none", precision)
+    data = tokenized_device(DataConfig(max_length=128), "", 1, 4, 0, tokenizer)
+    ends = [{k: v[-n:] for k, v in e.items()} for e, n in zip(data.train, (90, 60, 45, 30, 20), strict=False)]
+    batch = collate(ends, pad_id(tokenizer))  # the answers' ends: labelled, of different lengths
+    packed = pack_rows(batch)
+    assert "position_ids" in packed and len(packed["input_ids"]) < len(batch["input_ids"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # B = 0 would hide a wrong mask from the adapter's gradients' inputs
+        torch.nn.init.normal_(p, std=0.02)
+    results = []
+    for b in (batch, packed):
+        with autocast(precision):  # type: ignore[arg-type]
+            loss, n = summed_loss(model, b)
+        loss.backward()
+        results.append((loss.detach(), n, [p.grad.clone() for p in trainable]))
+        model.zero_grad(set_to_none=True)
+    (padded_loss, padded_n, padded_grads), (packed_loss, packed_n, packed_grads) = results
+    assert packed_n == padded_n
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if precision == "fp32" else {"rtol": 2e-2, "atol": 1e-3}
+    torch.testing.assert_close(packed_loss, padded_loss, **tolerance)
+    torch.testing.assert_close(packed_grads, padded_grads, **tolerance)
