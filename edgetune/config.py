@@ -228,7 +228,8 @@ class FederationConfig:
     0 means all of them."""
     codec: Codec = "1bit"
     """Exchange codec, both directions: ``1bit`` (sign bits + per-row scales, error
-    feedback), ``fp16`` or ``fp32``."""
+    feedback), ``2bit`` (a magnitude bit too, two levels per row; twice the bytes, a third of
+    the error), ``fp16`` or ``fp32``."""
     min_replies: int = 1
     """Rounds with fewer valid replies keep the old global adapter."""
     reply_timeout: float = 600.0
@@ -514,11 +515,12 @@ def _check_adapter_kind(cfg: RunConfig) -> None:
         f"needs an unquantised base (DoRA takes row norms of the base weights; model.quantize={cfg.model.quantize})",
     )
     _check(
-        not (kind == "binary" and cfg.federation.codec == "1bit"),
+        not (kind == "binary" and cfg.federation.codec in ("1bit", "2bit")),
         "lora.kind",
         kind,
         "needs federation.codec=fp16 or fp32: a 1-bit-coded latent B has one magnitude per column, so its"
-        " signs after a round are decided column by column (measured: divergence; docs/adapters.md)",
+        " signs after a round are decided column by column (measured: divergence; docs/adapters.md; 2-bit,"
+        " with two, is untested)",
     )
 
 

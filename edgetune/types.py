@@ -34,7 +34,7 @@ __all__ = [
 StateDict = dict[str, Tensor]
 """Named tensors, e.g. ``{"...q_proj.lora_B.weight": Tensor (out, r)}``."""
 
-Codec = Literal["1bit", "fp16", "fp32"]
+Codec = Literal["1bit", "2bit", "fp16", "fp32"]
 """How an adapter update travels: sign bits + per-row scales, or plain floats."""
 Precision = Literal["bf16", "fp32"]
 """The compute precision of local training and evaluation."""

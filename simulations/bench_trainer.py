@@ -3,6 +3,8 @@
     python -m edgetune.simulations.bench_trainer                    # SmolLM2, 4 devices, 2 rounds
     python -m edgetune.simulations.bench_trainer --base tiny --devices 2 --rounds 1 --steps 2
 
+    python -m edgetune.simulations.bench_trainer --lr 2e-3,8e-3 --codec 2bit
+
 Both federations use the same devices (chatterbot English (language, topic) slices), the same
 base model, LoRA rank/alpha/targets, local steps, batch size, learning rate and precision
 (``train.precision=auto`` for this CPU), and the same batches: each device trains each round on
@@ -15,9 +17,13 @@ same work per update and differ only in how they do it:
               bf16 autocast over the fp32 base), then sends both factors
               back in fp32; the server averages A and B factor-wise (weighted by examples).
               Run in this process, one device after another.
-    edgetune  ``edgetune simulate`` on the defaults (B only, 1-bit both ways, error feedback,
-              the bf16-held base, the LM head on labelled positions only, AdamW's default
-              step), in Flower's simulation engine, one Ray worker process per machine.
+    edgetune  ``edgetune simulate`` on the defaults (B only, 1-bit both ways or ``--codec``,
+              error feedback, the bf16-held base, batches packed into fewer rows, the LM
+              head on labelled positions only, AdamW's default step), in Flower's
+              simulation engine, one Ray worker process per machine.
+
+``--lr`` takes several rates: each runs on both sides, and each side is also compared at the
+rate of the grid where its held-out loss is lowest.
 
 Reported: client updates per hour from CPU seconds per update (the device's sync + train, so
 a busy machine does not flatter either side; the same statistic on both sides: all updates'
@@ -47,7 +53,7 @@ from edgetune.adapters.delta import weighted_mean
 from edgetune.adapters.lora import attach_lora, get_adapter, init_adapter, model_adapter_shapes, set_adapter
 from edgetune.chat import Batch
 from edgetune.client.device import round_batches
-from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from edgetune.config import CODECS, DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from edgetune.datasets.devices import TokenizedDevice, tokenized_device
 from edgetune.lm import evaluate, pad_id
 from edgetune.models import load_base
@@ -205,6 +211,13 @@ def main() -> None:
         help="learning rates, each run on both sides; with several, each side is also compared at its best",
     )
     parser.add_argument(
+        "--codec",
+        choices=CODECS,
+        default=FederationConfig().codec,
+        metavar="CODEC",
+        help=f"edgetune's exchange codec, both ways: {', '.join(CODECS)} (default: the run default, %(default)s)",
+    )
+    parser.add_argument(
         "--out", default="bench-out/trainer", metavar="DIR", help="output folder for result.json and the runs"
     )
     args = parser.parse_args()
@@ -220,11 +233,11 @@ def main() -> None:
             train=TrainConfig(
                 local_steps=args.steps, batch_size=args.batch_size, learning_rate=rate, precision=precision
             ),
-            federation=FederationConfig(rounds=args.rounds, num_devices=args.devices),
+            federation=FederationConfig(rounds=args.rounds, num_devices=args.devices, codec=args.codec),
         )
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         runs[f"{rate:g}"] = {"edgetune": run_edgetune(cfg), "trainer": run_trainer(cfg)}
-    print(f"precision {precision}; CPU: {features}")
+    print(f"precision {precision}; edgetune codec {args.codec}; CPU: {features}")
     print(
         f"{'rate':>7} {'':>9} {'updates/h (CPU)':>15} {'CPU s/1k tokens':>15} {'up B/round':>11}"
         f" {'down B/round':>12} {'held-out loss':>20}"
@@ -252,6 +265,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "learning_rates": args.lr,
+        "codec": args.codec,
         "precision": precision,
         "cpu": features,
         "runs": runs,

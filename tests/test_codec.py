@@ -15,6 +15,7 @@ from edgetune.adapters.codec import (
     compress,
     decode,
     encode,
+    expected_payload_bytes,
     full_codec,
     grid_dtype,
     payload_bytes,
@@ -109,6 +110,57 @@ def test_1bit_hand_computed_lora_b_shape() -> None:
     assert out.tolist() == [[1.5, -2.5], [-1.5, 2.5], [1.5, -2.5], [1.5, 2.5]]
 
 
+def test_2bit_hand_computed_row() -> None:
+    # One row (1 x 4): mean |x| = 3, so only 6 is "high". Group means 2 and 6; the
+    # projection <q, x> = 2*6 + 6*6 = 48 against ||x||^2 = 50 scales both by 50/48.
+    t = torch.tensor([[1.0, -2.0, 3.0, -6.0]])
+    payload = encode({"w": t}, "2bit")
+    np.testing.assert_array_equal(payload["w:scales"], np.array([2 * 50 / 48, 6 * 50 / 48], dtype=np.float16))
+    # Sign bits 1 0 1 0 (pad) then magnitude bits 0 0 0 1 (pad): one byte each.
+    np.testing.assert_array_equal(payload["w:bits"], np.array([0b10100000, 0b00010000], dtype=np.uint8))
+    out = decode(payload, {"w": (1, 4)}, "2bit")["w"]
+    lo, hi = (float(v) for v in payload["w:scales"].astype(np.float32))
+    assert out.tolist() == [[lo, -lo, lo, -hi]]
+    assert payload_bytes(payload) == expected_payload_bytes({"w": (1, 4)}, "2bit") == 2 + 4
+
+
+@given(rows=st.integers(1, 12), cols=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_2bit_keeps_signs_and_the_projection_with_less_error_than_1bit(rows: int, cols: int, seed: int) -> None:
+    t = _randn(rows, cols, seed=seed)
+    out = {c: decode(encode({"w": t}, c), {"w": (rows, cols)}, c)["w"] for c in ("1bit", "2bit")}
+    assert torch.equal(out["2bit"] >= 0, t >= 0)
+    dim = 1 if rows <= cols else 0
+    torch.testing.assert_close((out["2bit"] * t).sum(dim=dim), (t * t).sum(dim=dim), rtol=2e-3, atol=1e-6)
+    # At most two magnitudes per row (one where all are alike).
+    along = out["2bit"].abs() if dim == 1 else out["2bit"].abs().t()
+    assert all(len(set(row.tolist())) <= 2 for row in along)
+    # Never more error than 1-bit's (up to fp16 rounding of the scales).
+    assert (out["2bit"] - t).norm() <= (out["1bit"] - t).norm() * (1 + 1e-3) + 1e-6
+
+
+def test_2bit_on_a_lora_b_has_a_third_of_1bits_error_at_twice_the_bytes() -> None:
+    b = _randn(576, 8)
+    errors = {c: float((compress({"B": b}, None, c)[2]["B"].norm() / b.norm()) ** 2) for c in ("1bit", "2bit")}
+    assert errors["2bit"] < errors["1bit"] / 3
+    sizes = {c: payload_bytes(encode({"B": b}, c)) for c in ("1bit", "2bit")}
+    assert sizes == {"1bit": 576 + 16, "2bit": 2 * (576 + 16)}
+
+
+def test_decode_rejects_bad_2bit_payloads() -> None:
+    state = {"B": _randn(16, 4)}
+    good = encode(state, "2bit")
+    decode(good, _shapes(state), "2bit")
+    cases = [
+        ({**good, "B:bits": good["B:bits"][:8]}, "shape"),  # the magnitude bits cut off
+        ({**good, "B:scales": good["B:scales"][:4]}, "shape"),  # one level per row
+        ({**good, "B:scales": -good["B:scales"]}, "negative"),
+        (encode(state, "1bit"), "shape"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(CodecError, match=message):
+            decode(bad, _shapes(state), "2bit")
+
+
 def test_docstring_example() -> None:
     p = encode({"w": torch.tensor([[0.5, -1.5]])}, "1bit")
     assert decode(p, {"w": (1, 2)}, "1bit")["w"].tolist() == [[1.25, -1.25]]
@@ -171,7 +223,7 @@ def test_compress_returns_what_the_receiver_decodes() -> None:
     torch.testing.assert_close(new_residual["B"], delta["B"] + residual["B"] - decoded["B"], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("codec", ["1bit", "fp16", "fp32"])
+@pytest.mark.parametrize("codec", ["1bit", "2bit", "fp16", "fp32"])
 def test_error_feedback_sum_of_decoded_plus_residual_is_sum_of_deltas(codec: str) -> None:
     residual = None
     sent = torch.zeros(32, 4, dtype=torch.float64)

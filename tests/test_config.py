@@ -138,7 +138,7 @@ def test_number_parsing() -> None:
         ("federation.num-devices", 0),
         ("federation.devices-per-round", -1),
         ("federation.devices-per-round", 9),
-        ("federation.codec", "2bit"),
+        ("federation.codec", "3bit"),
         ("federation.min-replies", 0),
         ("federation.reply-timeout", 0),
         ("federation.rounds", 2.5),

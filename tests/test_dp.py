@@ -76,7 +76,7 @@ def test_clip_is_user_level_over_all_tensors_together() -> None:
     values=st.lists(finite, min_size=8, max_size=64),
     residual_scale=st.floats(0, 10),
     clip_norm=st.floats(1e-3, 10),
-    codec=st.sampled_from(["1bit", "fp16"]),
+    codec=st.sampled_from(["1bit", "2bit", "fp16"]),
 )
 def test_device_clipping_bounds_what_the_server_decodes(
     values: list[float], residual_scale: float, clip_norm: float, codec: str
