@@ -14,7 +14,7 @@ returns a round later; measured on SmolLM2, that lag cost 5% held-out loss after
 exceeds the row's ``mean|x|``; the row's two fp16 levels ``(lo, hi)`` are the mean
 magnitudes of the two groups, both multiplied by the factor that again keeps the projection
 (``<q, x> = ||x||^2``); an element decodes to ``sign(x_i) * (hi if its bit is set else lo)``.
-Twice the bits, and for Gaussian-like deltas about a third of 1-bit's squared error.
+Twice the bits, and for Gaussian-like deltas about a quarter of 1-bit's squared error.
 A payload is a flat ``dict[str, np.ndarray]`` keyed ``"<tensor>:bits"``/``"<tensor>:scales"``
 (1-bit, 2-bit: sign bits, then magnitude bits; scales ``lo, hi`` per row) or
 ``"<tensor>:values"`` (fp32, fp16).
@@ -94,7 +94,8 @@ def _two_levels(rows: Tensor) -> tuple[Tensor, Tensor]:
     counts = torch.stack([(~big).sum(dim=1), big.sum(dim=1)], dim=1).clamp_min(1)
     levels = sums / counts  # each group's mean magnitude
     projection = (levels * sums).sum(dim=1, keepdim=True)  # <decoded, x> before scaling
-    keep = torch.where(projection > 0, (rows * rows).sum(dim=1, keepdim=True) / projection.clamp_min(1e-38), 0.0)
+    tiny = torch.finfo(torch.float32).tiny
+    keep = torch.where(projection > 0, (rows * rows).sum(dim=1, keepdim=True) / projection.clamp_min(tiny), 0.0)
     return big, levels * keep
 
 

@@ -228,8 +228,8 @@ class FederationConfig:
     0 means all of them."""
     codec: Codec = "1bit"
     """Exchange codec, both directions: ``1bit`` (sign bits + per-row scales, error
-    feedback), ``2bit`` (a magnitude bit too, two levels per row; twice the bytes, a third of
-    the error), ``fp16`` or ``fp32``."""
+    feedback), ``2bit`` (a magnitude bit too, two levels per row; twice the bytes, a quarter
+    of the squared error), ``fp16`` or ``fp32``."""
     min_replies: int = 1
     """Rounds with fewer valid replies keep the old global adapter."""
     reply_timeout: float = 600.0
