@@ -25,7 +25,7 @@ def test_simulate_help_lists_the_flags(capsys: pytest.CaptureFixture[str]) -> No
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["simulate", "--codec", "2bit"], "federation.codec='2bit'"),
+        (["simulate", "--codec", "3bit"], "federation.codec='3bit'"),
         (["simulate", "--rounds", "zero"], "federation.rounds='zero'"),
         (["simulate", "--set", "lora.rnak=4"], "unknown config key 'lora.rnak'"),
         (["simulate", "--set", "lora.rank"], "expected KEY=VALUE"),
