@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import tempfile
@@ -190,6 +191,16 @@ def _ratios(e: dict[str, float], t: dict[str, float]) -> dict[str, float]:
     }
 
 
+def _best_rate(runs: dict[str, dict[str, dict[str, float]]], side: str) -> str:
+    """The rate of ``runs`` where ``side``'s held-out loss is lowest (a diverged NaN never is)."""
+
+    def loss(rate: str) -> float:
+        value = runs[rate][side]["heldout_loss"]
+        return value if math.isfinite(value) else math.inf
+
+    return min(runs, key=loss)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2", metavar="MODEL", help="base model (default: smollm2)")
@@ -253,7 +264,7 @@ def main() -> None:
     ratios = {rate: _ratios(r["edgetune"], r["trainer"]) for rate, r in runs.items()}
     for rate, ratio in ratios.items():
         print(f"edgetune / trainer at {rate}: {ratio}")
-    best = {side: min(runs, key=lambda rate: runs[rate][side]["heldout_loss"]) for side in ("edgetune", "trainer")}
+    best = {side: _best_rate(runs, side) for side in ("edgetune", "trainer")}
     at_best = _ratios(runs[best["edgetune"]]["edgetune"], runs[best["trainer"]]["trainer"])
     if len(runs) > 1:
         print(f"each at its best rate (edgetune {best['edgetune']}, trainer {best['trainer']}): {at_best}")
