@@ -106,18 +106,18 @@ def encode(state: StateDict, codec: str) -> Payload:
         t = t.detach().float()
         if not torch.isfinite(t).all():
             raise CodecError(f"cannot encode {name!r}: it holds NaN or inf")
-        if codec == "1bit":
+        if codec in _BIT_CODECS:
             rows = _rows(t)  # (R, L)
-            l1 = rows.abs().sum(dim=1)
-            scales = torch.where(l1 > 0, (rows * rows).sum(dim=1) / l1.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-            payload[name + PART_SEP + SCALES] = scales.numpy().astype(np.float16)
-            payload[name + PART_SEP + BITS] = np.packbits((rows >= 0).numpy().reshape(-1))
-        elif codec == "2bit":
-            rows = _rows(t)
-            big, levels = _two_levels(rows)
-            payload[name + PART_SEP + SCALES] = levels.reshape(-1).numpy().astype(np.float16)
-            signs, magnitudes = np.packbits((rows >= 0).numpy().reshape(-1)), np.packbits(big.numpy().reshape(-1))
-            payload[name + PART_SEP + BITS] = np.concatenate([signs, magnitudes])
+            bits = [np.packbits((rows >= 0).numpy().reshape(-1))]  # signs
+            if codec == "1bit":
+                l1 = rows.abs().sum(dim=1)
+                tiny = torch.finfo(torch.float32).tiny
+                scales = torch.where(l1 > 0, (rows * rows).sum(dim=1) / l1.clamp_min(tiny), 0.0)
+            else:
+                big, scales = _two_levels(rows)
+                bits.append(np.packbits(big.numpy().reshape(-1)))  # then magnitudes
+            payload[name + PART_SEP + SCALES] = scales.reshape(-1).numpy().astype(np.float16)
+            payload[name + PART_SEP + BITS] = np.concatenate(bits)
         elif codec in _VALUE_DTYPES:
             payload[name + PART_SEP + VALUES] = t.numpy().astype(_VALUE_DTYPES[codec])
         else:

@@ -349,7 +349,7 @@ def pack_rows(batch: Batch) -> Batch:
             room[fits] -= lengths[i]
     if len(rows) == len(lengths):
         return batch
-    shape = (len(rows), width - min(room))
+    shape = (len(rows), width)  # the first row holds the longest example, as wide as the batch
     packed = {
         "input_ids": torch.zeros(shape, dtype=torch.long),
         "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
@@ -365,7 +365,7 @@ def pack_rows(batch: Batch) -> Batch:
             packed["attention_mask"][r, at : at + n] = 1
             packed["position_ids"][r, at : at + n] = torch.arange(n)
             at += n
-        packed["position_ids"][r, at:] = torch.arange(shape[1] - at) + n  # the last example's run continues
+        packed["position_ids"][r, at:] = torch.arange(n, n + width - at)  # the last example's run continues
     return packed
 
 
