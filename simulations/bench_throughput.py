@@ -16,7 +16,8 @@ frozen base held in bf16, attention in fp32; AdamW's default per-tensor step), c
 ``train.compile=on`` runs it (each decoder layer ``torch.compile(dynamic=True)``'d, warmed
 up on every batch first, the compile time reported beside it; ``--no-compile`` skips
 these), and with one change each (``bf16-sdpa-bf16``: transformers' SDPA attention in
-bf16; ``bf16-fp32-base``: the base left fp32 under autocast; ``*-fused``: PyTorch's fused
+bf16; ``bf16-fp32-base``: the base left fp32 under autocast; ``*-peft-lora``: PEFT's own LoRA
+forward instead of ``FusedLoraLinear``'s; ``*-fused``: PyTorch's fused
 AdamW, no consistent gain here and so not used), the repeats interleaved across variants.
 The CPU's features and what ``train.precision=auto`` picks on it are reported too. Ends
 with one JSON line.
@@ -32,9 +33,10 @@ import time
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import Linear as PeftLoraLinear
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgetune.adapters.lora import device_model
+from edgetune.adapters.lora import FusedLoraLinear, device_model
 from edgetune.chat import iterate_batches, pack_rows
 from edgetune.client.train import adapter_optimizer, compile_decoder
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
@@ -96,11 +98,15 @@ def cpu_features() -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="smollm2", help="base model (default: smollm2)")
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per measurement")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig().batch_size, help="conversations per step")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per precision (median is reported)")
-    parser.add_argument("--out", default="bench-out/throughput", help="output folder for result.json")
+    parser.add_argument("--base", default="smollm2", metavar="MODEL", help="base model (default: smollm2)")
+    parser.add_argument("--steps", type=int, default=8, metavar="K", help="optimizer steps per measurement")
+    parser.add_argument(
+        "--batch-size", type=int, default=TrainConfig().batch_size, metavar="N", help="conversations per step"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, metavar="N", help="measurements per variant (median is reported)"
+    )
+    parser.add_argument("--out", default="bench-out/throughput", metavar="DIR", help="output folder for result.json")
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the compiled variants (each compiles for 20-45 s first)"
     )
@@ -135,18 +141,25 @@ def main() -> None:
     # (name, precision, model, fused AdamW, attention): the first of each precision is what
     # training runs by default, "-compiled" what train.compile=on (long runs) adds; the others
     # are one change each against the first: transformers' SDPA in bf16 (attention=sdpa), the
-    # base left fp32 under autocast, fused AdamW.
+    # base left fp32 under autocast, PEFT's LoRA forward, fused AdamW.
     variants = [
         ("bf16", "bf16", "bf16", False, None),
         ("bf16-compiled", "bf16", "bf16-compiled", False, None),
         ("bf16-sdpa-bf16", "bf16", "bf16", False, "sdpa"),
         ("bf16-fp32-base", "bf16", "fp32", False, FP32_ATTENTION),
+        ("bf16-peft-lora", "bf16", "bf16-peft-lora", False, None),
         ("bf16-fused", "bf16", "bf16", True, None),
         ("fp32", "fp32", "fp32", False, None),
         ("fp32-compiled", "fp32", "fp32-compiled", False, None),
+        ("fp32-peft-lora", "fp32", "fp32-peft-lora", False, None),
         ("fp32-fused", "fp32", "fp32", True, None),
     ]
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
+    for precision in ("bf16", "fp32"):
+        models[f"{precision}-peft-lora"] = peft_lora = copy.deepcopy(models[precision])
+        for module in peft_lora.modules():
+            if type(module) is FusedLoraLinear:
+                module.__class__ = PeftLoraLinear
     if args.no_compile:
         variants = [v for v in variants if not v[2].endswith("-compiled")]
     else:
