@@ -23,7 +23,11 @@ same work per update and differ only in how they do it:
               simulation engine, one Ray worker process per machine.
 
 ``--lr`` takes several rates: each runs on both sides, and each side is also compared at the
-rate of the grid where its held-out loss is lowest.
+rate of the grid where its held-out loss is lowest. ``--repeats`` runs each rate's pair that
+many times, interleaved (edgetune, Trainer, edgetune, ...), so that a busy spell of the
+machine falls on both sides; CPU figures are medians over the repeats, and updates per hour is
+compared as the median of each repeat's own ratio (held-out loss and bytes are the same in
+every repeat: both federations are seeded).
 
 Reported: client updates per hour from CPU seconds per update (the device's sync + train, so
 a busy machine does not flatter either side; the same statistic on both sides: all updates'
@@ -180,9 +184,24 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
-def _ratios(e: dict[str, float], t: dict[str, float]) -> dict[str, float]:
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _median_run(repeats: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the repeats of one side at one rate."""
+    return {key: statistics.median(r[key] for r in repeats) for key in repeats[0]}
+
+
+def _ratios(e: dict[str, float], t: dict[str, float], e_cpu: list[float], t_cpu: list[float]) -> dict[str, Any]:
+    """edgetune against the Trainer; updates per hour as the median of the repeats' own ratios
+    (``*_cpu``: CPU seconds per update in each repeat, in the order they ran)."""
+    runs = [round(t_s / e_s, 2) for e_s, t_s in zip(e_cpu, t_cpu, strict=True)]
     return {
-        "updates_per_hour": round(e["updates_per_cpu_hour"] / t["updates_per_cpu_hour"], 2),
+        "updates_per_hour": round(statistics.median(runs), 2),
+        "updates_per_hour_runs": runs,
         "tokens_per_cpu_second": round(t["cpu_seconds_per_1k_tokens"] / e["cpu_seconds_per_1k_tokens"], 2),
         "fewer_bytes_up": round(t["bytes_up_per_round"] / e["bytes_up_per_round"], 1),
         "fewer_bytes_down": round(t["bytes_down_per_round"] / e["bytes_down_per_round"], 1),
@@ -229,6 +248,13 @@ def main() -> None:
         help=f"edgetune's exchange codec, both ways: {', '.join(CODECS)} (default: the run default, %(default)s)",
     )
     parser.add_argument(
+        "--repeats",
+        type=_positive,
+        default=3,
+        metavar="N",
+        help="runs of each rate's pair, interleaved; CPU figures are their medians (default: 3)",
+    )
+    parser.add_argument(
         "--out", default="bench-out/trainer", metavar="DIR", help="output folder for result.json and the runs"
     )
     args = parser.parse_args()
@@ -236,6 +262,7 @@ def main() -> None:
     precision = resolved_for_this_cpu("auto").precision
     features = cpu_features()
     runs: dict[str, dict[str, dict[str, float]]] = {}
+    cpu_runs: dict[str, dict[str, list[float]]] = {}
     for rate in args.lr:
         cfg = RunConfig(
             run_dir=str(out / f"edgetune-run-lr{rate:g}"),
@@ -246,8 +273,13 @@ def main() -> None:
             ),
             federation=FederationConfig(rounds=args.rounds, num_devices=args.devices, codec=args.codec),
         )
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        runs[f"{rate:g}"] = {"edgetune": run_edgetune(cfg), "trainer": run_trainer(cfg)}
+        pairs: dict[str, list[dict[str, float]]] = {"edgetune": [], "trainer": []}
+        for _ in range(args.repeats):  # interleaved
+            shutil.rmtree(cfg.run_dir, ignore_errors=True)
+            pairs["edgetune"].append(run_edgetune(cfg))
+            pairs["trainer"].append(run_trainer(cfg))
+        runs[f"{rate:g}"] = {side: _median_run(r) for side, r in pairs.items()}
+        cpu_runs[f"{rate:g}"] = {side: [x["cpu_seconds_per_update"] for x in r] for side, r in pairs.items()}
     print(f"precision {precision}; edgetune codec {args.codec}; CPU: {features}")
     print(
         f"{'rate':>7} {'':>9} {'updates/h (CPU)':>15} {'CPU s/1k tokens':>15} {'up B/round':>11}"
@@ -261,11 +293,17 @@ def main() -> None:
                 f" {r['bytes_up_per_round']:>11,.0f} {r['bytes_down_per_round']:>12,.0f}"
                 f" {r['heldout_loss_before']:>9.4f} -> {r['heldout_loss']:.4f}"
             )
-    ratios = {rate: _ratios(r["edgetune"], r["trainer"]) for rate, r in runs.items()}
+    ratios = {
+        rate: _ratios(r["edgetune"], r["trainer"], cpu_runs[rate]["edgetune"], cpu_runs[rate]["trainer"])
+        for rate, r in runs.items()
+    }
     for rate, ratio in ratios.items():
         print(f"edgetune / trainer at {rate}: {ratio}")
     best = {side: _best_rate(runs, side) for side in ("edgetune", "trainer")}
-    at_best = _ratios(runs[best["edgetune"]]["edgetune"], runs[best["trainer"]]["trainer"])
+    e_best, t_best = best["edgetune"], best["trainer"]
+    at_best = _ratios(
+        runs[e_best]["edgetune"], runs[t_best]["trainer"], cpu_runs[e_best]["edgetune"], cpu_runs[t_best]["trainer"]
+    )
     if len(runs) > 1:
         print(f"each at its best rate (edgetune {best['edgetune']}, trainer {best['trainer']}): {at_best}")
     result = {
@@ -277,9 +315,11 @@ def main() -> None:
         "batch_size": args.batch_size,
         "learning_rates": args.lr,
         "codec": args.codec,
+        "repeats": args.repeats,
         "precision": precision,
         "cpu": features,
         "runs": runs,
+        "cpu_seconds_per_update_runs": cpu_runs,
         "edgetune_over_trainer": ratios,
         "best_rate": best,
         "edgetune_over_trainer_at_best_rates": at_best,
