@@ -134,15 +134,17 @@ class FusedLoraLinear(PeftLoraLinear):
         return flat.view(result.shape)
 
 
-def fuse_lora_forward(model: nn.Module) -> int:
-    """Give every plain PEFT LoRA Linear of ``model`` :class:`FusedLoraLinear`'s forward, in
-    place (the module keeps its parameters, names and state dict). Returns how many."""
-    fused = 0
+def fuse_lora_forward(model: nn.Module, fused: bool = True) -> int:
+    """Give every plain PEFT LoRA Linear of ``model`` :class:`FusedLoraLinear`'s forward, or
+    PEFT's own back (``fused=False``), in place (the module keeps its parameters, names and
+    state dict). Returns how many layers changed."""
+    old, new = (PeftLoraLinear, FusedLoraLinear) if fused else (FusedLoraLinear, PeftLoraLinear)
+    changed = 0
     for module in model.modules():
-        if type(module) is PeftLoraLinear:
-            module.__class__ = FusedLoraLinear
-            fused += 1
-    return fused
+        if type(module) is old:
+            module.__class__ = new
+            changed += 1
+    return changed
 
 
 @functools.cache

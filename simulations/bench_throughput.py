@@ -33,10 +33,9 @@ import time
 from pathlib import Path
 
 import torch
-from peft.tuners.lora import Linear as PeftLoraLinear
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgetune.adapters.lora import FusedLoraLinear, device_model
+from edgetune.adapters.lora import device_model, fuse_lora_forward
 from edgetune.chat import iterate_batches, pack_rows
 from edgetune.client.train import adapter_optimizer, compile_decoder
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
@@ -156,10 +155,8 @@ def main() -> None:
     ]
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
     for precision in ("bf16", "fp32"):
-        models[f"{precision}-peft-lora"] = peft_lora = copy.deepcopy(models[precision])
-        for module in peft_lora.modules():
-            if type(module) is FusedLoraLinear:
-                module.__class__ = PeftLoraLinear
+        models[f"{precision}-peft-lora"] = copy.deepcopy(models[precision])
+        fuse_lora_forward(models[f"{precision}-peft-lora"], fused=False)
     if args.no_compile:
         variants = [v for v in variants if not v[2].endswith("-compiled")]
     else:
