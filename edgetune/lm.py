@@ -123,7 +123,9 @@ class _SummedCrossEntropy(torch.autograd.Function):
     and the cast back. Here each chunk of rows goes once through fp32 log-softmax, whose
     ``exp`` minus the one-hot is the gradient (``softmax - onehot``), stored in the logits'
     dtype: bf16 logits rounded the same way on PyTorch's path (its cast back). The backward
-    pass only scales it by the incoming gradient, in place, so it runs once per forward.
+    pass only scales it by the incoming gradient, in place (a second backward through the
+    same graph is refused: the saved gradient was modified). It is kept as a saved tensor,
+    so activation checkpointing drops it and recomputes it like any other.
     """
 
     @staticmethod
@@ -140,14 +142,13 @@ class _SummedCrossEntropy(torch.autograd.Function):
                     probs = log_p.exp_()
                     probs.scatter_add_(1, targets, probs.new_full(targets.shape, -1.0))
                     grad[rows] = probs
-        ctx.grad = grad
+        if grad is not None:
+            ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor) -> tuple[Tensor, None]:
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError("summed_cross_entropy: backward ran twice through the same loss (retain_graph)")
+        (grad,) = ctx.saved_tensors
         return grad.mul_(float(grad_total)), None
 
 

@@ -51,8 +51,21 @@ def test_a_second_backward_through_the_same_loss_is_refused() -> None:
     x = logits.requires_grad_()
     loss = lm.summed_cross_entropy(x, labels)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_its_gradient_is_a_saved_tensor_that_checkpointing_can_drop() -> None:
+    logits, labels = _logits(20, 97, torch.bfloat16)
+    packed: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        packed.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm.summed_cross_entropy(logits.requires_grad_(), labels)
+    assert packed == [(20, 97)]
 
 
 def _model_loss_and_grads(model, batch, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
