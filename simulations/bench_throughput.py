@@ -155,8 +155,8 @@ def main() -> None:
     ]
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
     for precision in ("bf16", "fp32"):
-        models[f"{precision}-peft-lora"] = copy.deepcopy(models[precision])
-        fuse_lora_forward(models[f"{precision}-peft-lora"], fused=False)
+        models[f"{precision}-peft-lora"] = peft_lora = copy.deepcopy(models[precision])
+        fuse_lora_forward(peft_lora, fused=False)
     if args.no_compile:
         variants = [v for v in variants if not v[2].endswith("-compiled")]
     else:

@@ -22,12 +22,17 @@ def _logits(rows: int, vocab: int, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return logits, torch.randint(0, vocab, (rows,), generator=g)
 
 
+def _composite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PyTorch's summed cross-entropy, as ``summed_loss`` computed it before."""
+    return F.cross_entropy(x.float(), y, reduction="sum")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, lm.CE_CHUNK_ROWS, 3 * lm.CE_CHUNK_ROWS + 5])
 def test_summed_cross_entropy_is_pytorch_s_in_value_and_gradient(dtype: torch.dtype, rows: int) -> None:
     logits, labels = _logits(rows, 301, dtype)
     results = []
-    for loss_fn in (lm.summed_cross_entropy, lambda x, y: F.cross_entropy(x.float(), y, reduction="sum")):
+    for loss_fn in (lm.summed_cross_entropy, _composite):
         x = logits.clone().requires_grad_()
         loss = loss_fn(x, labels)
         (loss / 7).backward()  # a scale, as training divides by the label count
@@ -43,7 +48,7 @@ def test_without_gradients_it_keeps_no_gradient_and_gives_the_same_value() -> No
     with torch.no_grad():
         loss = lm.summed_cross_entropy(logits, labels)
     assert not loss.requires_grad
-    torch.testing.assert_close(loss, F.cross_entropy(logits, labels, reduction="sum"))
+    torch.testing.assert_close(loss, _composite(logits, labels))
 
 
 def test_a_second_backward_through_the_same_loss_is_refused() -> None:
@@ -75,10 +80,6 @@ def _model_loss_and_grads(model, batch, precision: str) -> tuple[torch.Tensor, d
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return loss.detach(), grads
-
-
-def _composite(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(x.float(), y, reduction="sum")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
