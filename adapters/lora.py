@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
-from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
 from edgetune.adapters.binary import make_binary
+from edgetune.adapters.fused import fuse_lora_forward, stack_projections
 from edgetune.config import LoraConfig
+from edgetune.memory import return_free_heap
 from edgetune.models import load_base
 from edgetune.precision import attend_in_fp32, hold_frozen_in_bf16
 from edgetune.types import StateDict
@@ -45,7 +45,6 @@ __all__ = [
     "device_model",
     "dora_magnitudes",
     "exchanged_names",
-    "fuse_lora_forward",
     "get_adapter",
     "model_adapter_shapes",
     "init_adapter",
@@ -93,60 +92,6 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> PeftModel:
     return peft_model
 
 
-class FusedLoraLinear(PeftLoraLinear):
-    """PEFT's LoRA Linear whose plain forward, ``W0 x + s B (A x)``, takes fewer passes.
-
-    PEFT computes ``result + lora_B(lora_A(x)) * s``: under bf16 autocast it casts ``x`` to
-    bf16 twice (once for ``W0``, once for ``A``), then multiplies the adapter's output by ``s``
-    and adds it, two more passes over the layer's output, each with its own backward. Here
-    ``x`` is cast once (when the base weight is held in bf16, the cast ``W0 x`` makes anyway)
-    and ``torch.addmm(W0 x, A x, B^T, alpha=s)`` adds the scaled adapter product inside the
-    matmul. The same values up to rounding (the sum is rounded once, not three times). Any
-    other case (merged, disabled, several adapters, DoRA, binary factors, a bias on B)
-    takes PEFT's forward.
-    """
-
-    def _plain_factors(self) -> tuple[nn.Linear, nn.Linear, float] | None:
-        """The one active adapter's ``A``, ``B`` and scale, if it is plain LoRA (else None)."""
-        if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
-            return None
-        name = self.active_adapters[0]
-        if name not in self.lora_A or name in self.lora_variant or not isinstance(self.lora_dropout[name], nn.Identity):
-            return None
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear or lora_b.bias is not None:
-            return None  # binary factors, a bias on B
-        return lora_a, lora_b, self.scaling[name]
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plain = None if args or kwargs else self._plain_factors()
-        if plain is None:
-            return super().forward(x, *args, **kwargs)
-        lora_a, lora_b, scale = plain
-        held = self.get_base_layer().weight.dtype
-        if torch.is_autocast_enabled("cpu") and held == torch.get_autocast_dtype("cpu"):
-            x = x.to(held)  # what W0 x casts to; A x then reuses it
-        result = self.base_layer(x)
-        hidden = F.linear(x, lora_a.weight)
-        flat = torch.addmm(
-            result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), lora_b.weight.t(), alpha=scale
-        )
-        return flat.view(result.shape)
-
-
-def fuse_lora_forward(model: nn.Module, fused: bool = True) -> int:
-    """Give every plain PEFT LoRA Linear of ``model`` :class:`FusedLoraLinear`'s forward, or
-    PEFT's own back (``fused=False``), in place (the module keeps its parameters, names and
-    state dict). Returns how many layers changed."""
-    old, new = (PeftLoraLinear, FusedLoraLinear) if fused else (FusedLoraLinear, PeftLoraLinear)
-    changed = 0
-    for module in model.modules():
-        if type(module) is old:
-            module.__class__ = new
-            changed += 1
-    return changed
-
-
 @functools.cache
 def device_model(
     base: str, lora: LoraConfig, quantize: str = "none", precision: str = "fp32"
@@ -159,8 +104,9 @@ def device_model(
     ``auto``) the frozen base Linear weights are held in bf16 (:func:`hold_frozen_in_bf16`):
     the same matmuls as bf16 autocast over fp32 weights, without re-casting the whole model
     in every step; such a model must run under bf16 autocast. Its attention runs in fp32
-    (:func:`attend_in_fp32`, faster there). Its LoRA layers take :class:`FusedLoraLinear`'s
-    forward.
+    (:func:`attend_in_fp32`, faster there), and the frozen weights of layers that read the
+    same input are one matrix (:func:`stack_projections`). Its LoRA layers take
+    :class:`~edgetune.adapters.fused.FusedLoraLinear`'s forward.
     """
     model, tokenizer = load_base(base, quantize, bf16=precision == "bf16")
     peft_model = attach_lora(model, lora)
@@ -168,6 +114,8 @@ def device_model(
     if precision == "bf16":
         hold_frozen_in_bf16(peft_model)  # the tiny model's weights, a tied head's bf16 copy
         attend_in_fp32(peft_model)
+        stack_projections(peft_model)  # after the bf16 copies: the stacks replace them
+        return_free_heap()  # the replaced copies' pages
     return peft_model, tokenizer
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgetune.adapters.lora import device_model, fuse_lora_forward
+from edgetune.adapters.fused import fuse_lora_forward
+from edgetune.adapters.lora import device_model
 from edgetune.chat import iterate_batches, pack_rows
 from edgetune.client.train import adapter_optimizer, compile_decoder
 from edgetune.config import DataConfig, LoraConfig, TrainConfig

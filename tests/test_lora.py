@@ -1,6 +1,5 @@
 """Tests for adapters/lora.py: which factors train, the shared-seed initial adapter, meta-device
-shapes, adapter get/set, the exactness of FedAvg over B deltas checked against PEFT's merge,
-and the fused LoRA forward against PEFT's."""
+shapes, adapter get/set, and the exactness of FedAvg over B deltas checked against PEFT's merge."""
 
 from __future__ import annotations
 
@@ -13,14 +12,11 @@ from torch import Tensor
 
 from edgetune.adapters.delta import add, weighted_mean
 from edgetune.adapters.lora import (
-    FusedLoraLinear,
     adapter_shapes,
     attach_lora,
     exchanged_names,
-    fuse_lora_forward,
     get_adapter,
     init_adapter,
-    model_adapter_shapes,
     set_adapter,
 )
 from edgetune.config import LoraConfig
@@ -194,65 +190,3 @@ def test_peft_merge_is_w0_plus_scaled_b_a(tiny_shapes, lora_cfg: LoraConfig, tin
         b = state[a_key.replace(".lora_A.", ".lora_B.")]
         expected = w0[module + ".weight"] + s * b @ state[a_key]
         torch.testing.assert_close(merged[module + ".weight"], expected, rtol=0, atol=1e-6)
-
-
-def _loss_and_b_grads(model, ids: Tensor, precision: str) -> tuple[Tensor, dict[str, Tensor]]:
-    model.zero_grad(set_to_none=True)
-    if precision == "bf16":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-    else:
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_fused_lora_forward_gives_peft_s_loss_and_gradients(tiny_tokenizer, lora_cfg, precision: str) -> None:
-    from edgetune.precision import hold_frozen_in_bf16
-
-    models = []
-    for fused in (False, True):
-        model = attach_lora(tiny_llama(len(tiny_tokenizer)), lora_cfg)
-        set_adapter(model, _random_state(model_adapter_shapes(model), seed=3))  # B != 0: the adapter path counts
-        if precision == "bf16":
-            hold_frozen_in_bf16(model)  # as a bf16 device model: x is cast once for W0 and A
-        if fused:
-            assert fuse_lora_forward(model) == TARGETS
-        models.append(model)
-    assert sum(isinstance(m, FusedLoraLinear) for m in models[1].modules()) == TARGETS
-    assert not any(isinstance(m, FusedLoraLinear) for m in models[0].modules())
-    ids = torch.randint(0, len(tiny_tokenizer), (3, 16), generator=torch.Generator().manual_seed(4))
-    (loss_peft, grads_peft), (loss_fused, grads_fused) = (_loss_and_b_grads(m, ids, precision) for m in models)
-    # fp32: the same sums in another order; bf16: PEFT rounds the adapter's output, its
-    # scaled copy and the sum to bf16 (three roundings), the fused matmul rounds once.
-    tol = {"fp32": (1e-5, 1e-6), "bf16": (2e-2, 2e-3)}[precision]
-    torch.testing.assert_close(loss_fused, loss_peft, rtol=tol[0], atol=tol[1])
-    torch.testing.assert_close(grads_fused, grads_peft, rtol=tol[0] * 5, atol=tol[1] * 5)
-    assert get_adapter(models[1]).keys() == get_adapter(models[0]).keys()  # names unchanged
-
-
-def test_the_fused_forward_leaves_merged_disabled_dora_and_binary_layers_to_peft(tiny_tokenizer, lora_cfg) -> None:
-    ids = torch.randint(0, len(tiny_tokenizer), (2, 10), generator=torch.Generator().manual_seed(5))
-    for kind in ("dora", "binary"):
-        cfg = dataclasses.replace(lora_cfg, kind=kind)
-        plain = attach_lora(tiny_llama(len(tiny_tokenizer)), cfg)
-        fused = attach_lora(tiny_llama(len(tiny_tokenizer)), cfg)
-        state = _random_state(model_adapter_shapes(plain), seed=7)
-        set_adapter(plain, state)
-        set_adapter(fused, state)
-        assert fuse_lora_forward(fused) == TARGETS  # fused class, PEFT's forward
-        with torch.no_grad():
-            torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
-    model = attach_lora(tiny_llama(len(tiny_tokenizer)), lora_cfg)
-    set_adapter(model, _random_state(model_adapter_shapes(model), seed=6))
-    fuse_lora_forward(model)
-    with torch.no_grad():
-        adapted = model(input_ids=ids).logits
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-        model.merge_adapter()
-        merged = model(input_ids=ids).logits
-    assert not torch.allclose(adapted, base)
-    torch.testing.assert_close(base, tiny_llama(len(tiny_tokenizer))(input_ids=ids).logits, rtol=0, atol=0)
-    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
