@@ -16,7 +16,8 @@ frozen base held in bf16, attention in fp32; AdamW's default per-tensor step), c
 ``train.compile=on`` runs it (each decoder layer ``torch.compile(dynamic=True)``'d, warmed
 up on every batch first, the compile time reported beside it; ``--no-compile`` skips
 these), and with one change each (``bf16-sdpa-bf16``: transformers' SDPA attention in
-bf16; ``bf16-fp32-base``: the base left fp32 under autocast; ``*-peft-lora``: PEFT's own LoRA
+bf16; ``bf16-fp32-base``: the base left fp32 under autocast; ``bf16-per-layer``: each
+projection its own matmuls, without ``stack_projections``; ``*-peft-lora``: PEFT's own LoRA
 forward instead of ``FusedLoraLinear``'s; ``*-fused``: PyTorch's fused
 AdamW, no consistent gain here and so not used), the repeats interleaved across variants.
 The CPU's features and what ``train.precision=auto`` picks on it are reported too. Ends
@@ -141,12 +142,14 @@ def main() -> None:
     # (name, precision, model, fused AdamW, attention): the first of each precision is what
     # training runs by default, "-compiled" what train.compile=on (long runs) adds; the others
     # are one change each against the first: transformers' SDPA in bf16 (attention=sdpa), the
-    # base left fp32 under autocast, PEFT's LoRA forward, fused AdamW.
+    # base left fp32 under autocast, no stacked projections, PEFT's LoRA forward, fused AdamW.
+    # (A deep copy of a model takes each layer's own forward: the stacks stay with the original.)
     variants = [
         ("bf16", "bf16", "bf16", False, None),
         ("bf16-compiled", "bf16", "bf16-compiled", False, None),
         ("bf16-sdpa-bf16", "bf16", "bf16", False, "sdpa"),
         ("bf16-fp32-base", "bf16", "fp32", False, FP32_ATTENTION),
+        ("bf16-per-layer", "bf16", "bf16-per-layer", False, None),
         ("bf16-peft-lora", "bf16", "bf16-peft-lora", False, None),
         ("bf16-fused", "bf16", "bf16", True, None),
         ("fp32", "fp32", "fp32", False, None),
@@ -155,6 +158,7 @@ def main() -> None:
         ("fp32-fused", "fp32", "fp32", True, None),
     ]
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
+    models["bf16-per-layer"] = copy.deepcopy(models["bf16"])
     for precision in ("bf16", "fp32"):
         models[f"{precision}-peft-lora"] = peft_lora = copy.deepcopy(models[precision])
         fuse_lora_forward(peft_lora, fused=False)
