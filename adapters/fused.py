@@ -21,8 +21,8 @@ make the same values take less time on a CPU:
    whenever ``A`` changes (:func:`set_adapter <edgetune.adapters.lora.set_adapter>`).
 
 Anything else (merged, disabled, several adapters, DoRA, binary factors, a bias, a trained
-A, a quantised base, a compiled forward) takes each layer's own forward, and where that is
-not plain LoRA, PEFT's.
+A, a quantised base, a compiled forward, a deep copy of the model) takes each layer's own
+forward, and where that is not plain LoRA, PEFT's. docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
