@@ -69,9 +69,10 @@ class FusedLoraLinear(PeftLoraLinear):
         return lora_a, lora_b, self.scaling[name]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        stacked = None if args or kwargs or self._stack is None else self._stack.factors((self,))
-        if stacked is not None:
-            return self._stack.project(x, stacked)[0]  # type: ignore[union-attr]  # factors() came from it
+        stack = None if args or kwargs else self._stack
+        stacked = None if stack is None else stack.factors((self,))
+        if stack is not None and stacked is not None:
+            return stack.project(x, stacked)[0]
         plain = None if args or kwargs else self.plain_factors()
         if plain is None:
             return super().forward(x, *args, **kwargs)
