@@ -128,10 +128,11 @@ class _Stack:
             return None
         factors, row = [], 0
         for layer in layers:
-            plain = layer.plain_factors() if isinstance(layer, FusedLoraLinear) else None
+            if not isinstance(layer, FusedLoraLinear):
+                return None
+            plain = layer.plain_factors()
             if plain is None or plain[0].weight.requires_grad:  # a trained A needs its own gradient
                 return None
-            assert isinstance(layer, FusedLoraLinear)  # plain_factors() came from it
             base = _base_linear(layer).weight
             if base.untyped_storage().data_ptr() != self.weight.untyped_storage().data_ptr():
                 return None
@@ -154,12 +155,12 @@ class _Stack:
         return [_add_adapter(pieces[i], pieces[n + i], b.weight, s) for i, (_, b, s) in enumerate(factors)]
 
     @torch.no_grad()
-    def _copy_a_rows(self, factors: list[Tensor]) -> None:
-        seen = [(id(a), a._version) for a in factors]
+    def _copy_a_rows(self, a_weights: list[Tensor]) -> None:
+        seen = [(id(a), a._version) for a in a_weights]
         if seen == self.a_seen:
             return
-        row = self.weight.shape[0] - sum(a.shape[0] for a in factors)
-        for a in factors:
+        row = self.weight.shape[0] - sum(a.shape[0] for a in a_weights)
+        for a in a_weights:
             self.weight[row : row + a.shape[0]].copy_(a)
             row += a.shape[0]
         self.a_seen = seen
