@@ -156,7 +156,7 @@ class _Stack:
 
     @torch.no_grad()
     def _copy_a_rows(self, a_weights: list[Tensor]) -> None:
-        seen = [(id(a), a._version) for a in a_weights]
+        seen = _versions(a_weights)
         if seen == self.a_seen:
             return
         row = self.weight.shape[0] - sum(a.shape[0] for a in a_weights)
@@ -173,8 +173,8 @@ def _stack(layers: Sequence[nn.Module]) -> _Stack | None:
     from edgetune.quantize import is_quantized
 
     lora_layers = [layer for layer in layers if isinstance(layer, FusedLoraLinear)]
-    factors = [layer.plain_factors() for layer in lora_layers]
-    if len(lora_layers) != len(layers) or any(f is None or f[0].weight.requires_grad for f in factors):
+    factors = [f for layer in lora_layers if (f := layer.plain_factors()) is not None]
+    if len(factors) != len(layers) or any(a.weight.requires_grad for a, _, _ in factors):
         return None
     bases = [_base_linear(layer) for layer in lora_layers]
     weights = [b.weight for b in bases]
@@ -182,13 +182,19 @@ def _stack(layers: Sequence[nn.Module]) -> _Stack | None:
         return None
     if len({(w.dtype, w.shape[1]) for w in weights}) != 1:
         return None
-    a_rows = [f[0].weight.detach().to(weights[0].dtype) for f in factors if f is not None]
-    stacked = torch.cat([w.detach() for w in weights] + a_rows)
+    stacked_dtype = weights[0].dtype
+    a_weights = [a.weight for a, _, _ in factors]
+    stacked = torch.cat([w.detach() for w in weights] + [a.detach().to(stacked_dtype) for a in a_weights])
     row = 0
     for base, w in zip(bases, weights, strict=True):
         base.weight = nn.Parameter(stacked[row : row + w.shape[0]], requires_grad=False)
         row += w.shape[0]
-    return _Stack(stacked, [(id(f[0].weight), f[0].weight._version) for f in factors if f is not None])
+    return _Stack(stacked, _versions(a_weights))
+
+
+def _versions(a_weights: list[Tensor]) -> list[tuple[int, int]]:
+    """``(id, version)`` of each ``A``: what changes when ``A`` is replaced or written in place."""
+    return [(id(a), a._version) for a in a_weights]
 
 
 def _base_linear(layer: FusedLoraLinear) -> nn.Linear:
