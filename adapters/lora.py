@@ -35,7 +35,7 @@ from edgetune.adapters.fused import fuse_lora_forward, stack_projections
 from edgetune.config import LoraConfig
 from edgetune.memory import return_free_heap
 from edgetune.models import load_base
-from edgetune.precision import attend_in_fp32, hold_frozen_in_bf16
+from edgetune.precision import hold_frozen_in_bf16, set_device_attention
 from edgetune.types import StateDict
 
 __all__ = [
@@ -103,9 +103,10 @@ def device_model(
     adapter tensors in (:func:`set_adapter`). Under ``precision="bf16"`` (resolved, never
     ``auto``) the frozen base Linear weights are held in bf16 (:func:`hold_frozen_in_bf16`):
     the same matmuls as bf16 autocast over fp32 weights, without re-casting the whole model
-    in every step; such a model must run under bf16 autocast. Its attention runs in fp32
-    (:func:`attend_in_fp32`, faster there), and the frozen weights of layers that read the
-    same input are one matrix (:func:`stack_projections`). Its LoRA layers take
+    in every step; such a model must run under bf16 autocast. Its attention is eager on short
+    sequences and SDPA in fp32 on long ones (:func:`set_device_attention`, faster there), and
+    the frozen weights of layers that read the same input are one matrix
+    (:func:`stack_projections`). Its LoRA layers take
     :class:`~edgetune.adapters.fused.FusedLoraLinear`'s forward.
     """
     model, tokenizer = load_base(base, quantize, bf16=precision == "bf16")
@@ -113,7 +114,7 @@ def device_model(
     fuse_lora_forward(peft_model)
     if precision == "bf16":
         hold_frozen_in_bf16(peft_model)  # the tiny model's weights, a tied head's bf16 copy
-        attend_in_fp32(peft_model)
+        set_device_attention(peft_model)
         stack_projections(peft_model)  # after the bf16 copies: the stacks replace them
         return_free_heap()  # the replaced copies' pages
     return peft_model, tokenizer

@@ -17,8 +17,8 @@ Under bf16, :func:`hold_frozen_in_bf16` stores the frozen base Linear weights in
 autocast re-casts a weight that needs no gradient on every use (its cast cache holds only
 leaves that require grad), so an fp32 base is converted again in every forward. The matmuls
 see the same bf16 values either way; embeddings, norms, the adapter and the optimizer
-state stay fp32, and so does attention (:func:`attend_in_fp32`: CPU flash attention's
-bf16 backward is slow).
+state stay fp32. Attention (:func:`set_device_attention`) runs eagerly on short sequences and
+as SDPA in fp32 on long ones: CPU flash attention's bf16 backward is slow.
 
 :func:`resolve_run` also resolves the run's other ``auto`` training settings:
 ``train.checkpointing`` and ``train.compile``.
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from edgetune.config import RunConfig
 from edgetune.lm import causal_lm
@@ -52,9 +53,10 @@ from edgetune.models import TINY
 __all__ = [
     "BF16_UNIT_FLAGS",
     "COMPILE_MIN_STEPS",
+    "DEVICE_ATTENTION",
+    "EAGER_SCORES",
     "FP32_ATTENTION",
     "Resolved",
-    "attend_in_fp32",
     "compiler_found",
     "cpu_flags",
     "hold_frozen_in_bf16",
@@ -62,6 +64,7 @@ __all__ = [
     "resolve_precision",
     "resolve_run",
     "resolved_for_this_cpu",
+    "set_device_attention",
 ]
 
 BF16_UNIT_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -180,7 +183,14 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
 
 
 FP32_ATTENTION = "edgetune_sdpa_fp32"
-"""The attention of a bf16 device model (:func:`attend_in_fp32`), by its transformers name."""
+"""transformers' SDPA attention run in fp32 inside bf16 autocast, by its transformers name: what
+:data:`DEVICE_ATTENTION` runs on long sequences."""
+DEVICE_ATTENTION = "edgetune_bf16_attention"
+"""The attention of a bf16 device model (:func:`set_device_attention`), by its transformers name."""
+EAGER_SCORES = 2**22
+"""Score matrix elements (batch x heads x queries x keys) up to which a bf16 device model
+attends eagerly; at most 25 MB of scores (fp32 probabilities and their bf16 copy) kept
+per layer for the backward pass."""
 
 
 def _sdpa_in_fp32(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -191,21 +201,45 @@ def _sdpa_in_fp32(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     return out.to(query.dtype), weights
 
 
-AttentionInterface.register(FP32_ATTENTION, _sdpa_in_fp32)
-AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
+def _device_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, *args: Any, **kwargs: Any
+) -> Any:
+    """transformers' eager attention (bf16 matmuls under autocast, softmax in fp32) while the
+    score matrices are small (:data:`EAGER_SCORES`), else :func:`_sdpa_in_fp32`.
+
+    ``mask`` is SDPA's (:func:`~transformers.masking_utils.sdpa_mask`): boolean, or None where
+    causal attention needs nothing else hidden (SDPA's ``is_causal``); eager attention adds it."""
+    queries, keys = query.shape[2], key.shape[2]
+    if query.shape[0] * query.shape[1] * queries * keys > EAGER_SCORES:
+        return _sdpa_in_fp32(module, query, key, value, mask, *args, **kwargs)
+    hidden = torch.finfo(torch.float32).min
+    if mask is None:  # causal; any cached keys come before the queries
+        mask = torch.full((1, 1, queries, keys), hidden).triu_(keys - queries + 1)
+    elif mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill_(~mask, hidden)
+    return eager_attention_forward(module, query, key, value, mask, *args, **kwargs)
 
 
-def attend_in_fp32(model: nn.Module) -> None:
-    """Run ``model``'s attention in fp32 inside bf16 autocast (:data:`FP32_ATTENTION`).
+for _name, _attention in ((FP32_ATTENTION, _sdpa_in_fp32), (DEVICE_ATTENTION, _device_attention)):
+    AttentionInterface.register(_name, _attention)
+    AttentionMaskInterface.register(_name, sdpa_mask)
 
-    PyTorch's CPU flash attention runs its bf16 backward far slower than its fp32 one: on
-    SmolLM2 (bf16, 8 conversations of about 55 tokens) it took 16% of a training step, 6x its
-    forward. In fp32 the step was 12% faster, with the same O(length) memory (unlike eager
-    attention, 16% faster on such short batches but with every layer's score matrices kept
-    for the backward: about 850 MB at batch 8 x 256 tokens). Attention is a small share of
-    the FLOPs; the projections around it stay bf16.
+
+def set_device_attention(model: nn.Module) -> None:
+    """Give a bf16 device model :data:`DEVICE_ATTENTION`: eager attention on short sequences,
+    SDPA in fp32 on long ones.
+
+    PyTorch's CPU flash attention (transformers' default, SDPA) runs its bf16 backward far
+    slower than its fp32 one: on SmolLM2 (bf16, 8 conversations of about 55 tokens) it took
+    16% of a training step, 6x its forward, and in fp32 the step was 12% faster. Eager
+    attention (two batched bf16 matmuls and a softmax) was faster still on the default
+    data's sequences, uncompiled and more so compiled (docs/performance.md), but keeps every
+    layer's score matrices for the backward pass, quadratic in the length: so it runs only up to
+    :data:`EAGER_SCORES` elements (8 conversations of 256 tokens are 4.7 million
+    with SmolLM2's 9 heads), SDPA in fp32, with the flash kernel's O(length) memory, beyond.
+    Attention is a small share of the FLOPs; the projections around it stay bf16.
     """
-    causal_lm(model).set_attn_implementation(FP32_ATTENTION)  # type: ignore[operator]  # a PreTrainedModel
+    causal_lm(model).set_attn_implementation(DEVICE_ATTENTION)  # type: ignore[operator]  # a PreTrainedModel
 
 
 def hold_frozen_in_bf16(model: nn.Module) -> int:

@@ -10,16 +10,17 @@ against the peak just before it, so a busy spell slows both); training FLOPs per
 ``torch.utils.flop_counter`` on one step (forward + backward, the matmuls that really run);
 throughput is tokens (prompt included, padding excluded) over wall time of ``--steps``
 steps, median over ``--repeats`` (CPU seconds beside), on the batches packed as training
-packs them (``edgetune.chat.pack_rows``). Each precision (bf16 autocast, fp32)
-is measured on the same batches, as a fraction of its own peak, as training runs it (bf16:
-frozen base held in bf16, attention in fp32; AdamW's default per-tensor step), compiled as
-``train.compile=on`` runs it (each decoder layer ``torch.compile(dynamic=True)``'d, warmed
-up on every batch first, the compile time reported beside it; ``--no-compile`` skips
-these), and with one change each (``bf16-sdpa-bf16``: transformers' SDPA attention in
-bf16; ``bf16-fp32-base``: the base left fp32 under autocast; ``bf16-per-layer``: each
-projection its own matmuls, without ``stack_projections``; ``*-peft-lora``: PEFT's own LoRA
-forward instead of ``FusedLoraLinear``'s; ``*-fused``: PyTorch's fused
-AdamW, no consistent gain here and so not used), the repeats interleaved across variants.
+packs them (``edgetune.chat.pack_rows``). Each precision (bf16 autocast, fp32) is measured
+on the same batches, as a fraction of its own peak, as training runs it (bf16: frozen base
+held in bf16, eager attention on short sequences; AdamW's default per-tensor step),
+compiled as ``train.compile=on`` runs it (each decoder layer ``torch.compile(dynamic=True)``'d,
+warmed up on every batch first, the compile time reported beside it; ``--no-compile``
+skips these), and with one change each (``bf16-sdpa-bf16``: transformers' SDPA attention
+in bf16; ``bf16-sdpa-fp32``: SDPA in fp32 at every length; ``bf16-fp32-base``: the base
+left fp32 under autocast; ``bf16-per-layer``: each projection its own matmuls, without
+``stack_projections``; ``*-peft-lora``: PEFT's own LoRA forward instead of
+``FusedLoraLinear``'s; ``*-fused``: PyTorch's fused AdamW, no consistent gain here and so
+not used), the repeats interleaved across variants.
 The CPU's features and what ``train.precision=auto`` picks on it are reported too. Ends
 with one JSON line.
 """
@@ -43,7 +44,7 @@ from edgetune.client.train import adapter_optimizer, compile_decoder
 from edgetune.config import DataConfig, LoraConfig, TrainConfig
 from edgetune.datasets.devices import tokenized_device
 from edgetune.lm import autocast, causal_lm, pad_id, summed_loss
-from edgetune.precision import FP32_ATTENTION, cpu_flags, resolved_for_this_cpu
+from edgetune.precision import DEVICE_ATTENTION, FP32_ATTENTION, cpu_flags, resolved_for_this_cpu
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 7) -> float:
@@ -141,14 +142,15 @@ def main() -> None:
     }
     # (name, precision, model, fused AdamW, attention): the first of each precision is what
     # training runs by default, "-compiled" what train.compile=on (long runs) adds; the others
-    # are one change each against the first: transformers' SDPA in bf16 (attention=sdpa), the
-    # base left fp32 under autocast, no stacked projections, PEFT's LoRA forward, fused AdamW.
+    # are one change each against the first: transformers' SDPA in bf16 (attention=sdpa) or in
+    # fp32 at every length, the base left fp32 under autocast, no stacked projections, PEFT's LoRA forward, fused AdamW.
     # (A deep copy of a model takes each layer's own forward: the stacks stay with the original.)
     variants = [
         ("bf16", "bf16", "bf16", False, None),
         ("bf16-compiled", "bf16", "bf16-compiled", False, None),
         ("bf16-sdpa-bf16", "bf16", "bf16", False, "sdpa"),
-        ("bf16-fp32-base", "bf16", "fp32", False, FP32_ATTENTION),
+        ("bf16-sdpa-fp32", "bf16", "bf16", False, FP32_ATTENTION),
+        ("bf16-fp32-base", "bf16", "fp32", False, DEVICE_ATTENTION),
         ("bf16-per-layer", "bf16", "bf16-per-layer", False, None),
         ("bf16-peft-lora", "bf16", "bf16-peft-lora", False, None),
         ("bf16-fused", "bf16", "bf16", True, None),

@@ -12,7 +12,7 @@ import torch
 from edgetune.config import ConfigError, RunConfig, TrainConfig, from_flat
 from edgetune.precision import (
     COMPILE_MIN_STEPS,
-    FP32_ATTENTION,
+    DEVICE_ATTENTION,
     cpu_flags,
     hold_frozen_in_bf16,
     matmul_gflops,
@@ -174,38 +174,51 @@ def test_the_measurement_picks_fp32_where_bf16_matmuls_are_emulated() -> None:
     assert out.stdout.split()[0] == "fp32", out.stdout
 
 
-def test_bf16_device_models_attend_in_fp32_with_the_padding_mask() -> None:
+def test_bf16_device_models_attend_eagerly_when_short_and_in_fp32_when_long(monkeypatch) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
 
+    from edgetune import precision
     from edgetune.adapters.lora import device_model
     from edgetune.config import LoraConfig
     from edgetune.lm import causal_lm
-    from edgetune.precision import _sdpa_in_fp32
 
     held, _ = device_model("tiny", LoraConfig(rank=4), "none", "bf16")
     plain, _ = device_model("tiny", LoraConfig(rank=4), "none", "fp32")
-    assert causal_lm(held).config._attn_implementation == FP32_ATTENTION
+    assert causal_lm(held).config._attn_implementation == DEVICE_ATTENTION
     assert causal_lm(plain).config._attn_implementation == "sdpa"  # fp32 keeps transformers' default
-    # The same attention as SDPA on fp32 inputs, handed back in bf16.
     gen = torch.Generator().manual_seed(0)
     config, layer = causal_lm(held).config, causal_lm(held).model.layers[0].self_attn
     heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     q = torch.randn(2, heads, 6, dim, generator=gen).to(torch.bfloat16)
     k, v = (torch.randn(2, config.num_key_value_heads, 6, dim, generator=gen).to(torch.bfloat16) for _ in "kv")
-    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    causal = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, _ = _sdpa_in_fp32(layer, q, k, v, mask, scaling=0.5)
-    expected, _ = sdpa_attention_forward(layer, q.float(), k.float(), v.float(), mask, scaling=0.5)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
-    # Padding is masked: a left-padded row's logits match the row alone.
+        # Short: transformers' eager attention with the mask made additive; no mask is causal.
+        short, _ = precision._device_attention(layer, q, k, v, causal, scaling=0.5)
+        eager, _ = eager_attention_forward(layer, q, k, v, additive, scaling=0.5)
+        unmasked, _ = precision._device_attention(layer, q, k, v, None, scaling=0.5)
+        one_query, _ = precision._device_attention(layer, q[:, :, -1:], k, v, None, scaling=0.5)
+        monkeypatch.setattr(precision, "EAGER_SCORES", q.numel() // dim - 1)
+        # Long: SDPA on fp32 inputs, handed back in bf16.
+        long, _ = precision._device_attention(layer, q, k, v, causal, scaling=0.5)
+    assert torch.equal(short, eager) and torch.equal(unmasked, eager)
+    torch.testing.assert_close(one_query, eager[:, -1:])
+    expected, _ = sdpa_attention_forward(layer, q.float(), k.float(), v.float(), causal, scaling=0.5)
+    assert long.dtype == torch.bfloat16 and torch.equal(long, expected.to(torch.bfloat16))
+    torch.testing.assert_close(short.float(), expected, rtol=0.02, atol=0.02)  # bf16 scores
+    # Padding is masked both ways: a left-padded row's logits match the row alone.
     ids = torch.randint(3, 100, (1, 7), generator=gen)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
     attention = (padded != 0).long()
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        alone = held(input_ids=ids).logits
-        left = held(input_ids=padded, attention_mask=attention, position_ids=positions).logits
-    torch.testing.assert_close(left[:, 3:].float(), alone.float(), rtol=0.02, atol=0.02)
+    for scores in (0, 2**22):  # SDPA in fp32, eager
+        monkeypatch.setattr(precision, "EAGER_SCORES", scores)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            alone = held(input_ids=ids).logits
+            left = held(input_ids=padded, attention_mask=attention, position_ids=positions).logits
+        torch.testing.assert_close(left[:, 3:].float(), alone.float(), rtol=0.02, atol=0.02)
 
 
 def test_compiled_training_matches_eager_and_evaluation_stays_uncompiled(tiny_model, tiny_tokenizer) -> None:
