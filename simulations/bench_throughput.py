@@ -143,7 +143,8 @@ def main() -> None:
     # (name, precision, model, fused AdamW, attention): the first of each precision is what
     # training runs by default, "-compiled" what train.compile=on (long runs) adds; the others
     # are one change each against the first: transformers' SDPA in bf16 (attention=sdpa) or in
-    # fp32 at every length, the base left fp32 under autocast, no stacked projections, PEFT's LoRA forward, fused AdamW.
+    # fp32 at every length, the base left fp32 under autocast, no stacked projections, PEFT's
+    # LoRA forward, fused AdamW.
     # (A deep copy of a model takes each layer's own forward: the stacks stay with the original.)
     variants = [
         ("bf16", "bf16", "bf16", False, None),
