@@ -21,8 +21,11 @@ left fp32 under autocast; ``bf16-per-layer``: each projection its own matmuls, w
 ``stack_projections``; ``*-peft-lora``: PEFT's own LoRA forward instead of
 ``FusedLoraLinear``'s; ``*-fused``: PyTorch's fused AdamW, no consistent gain here and so
 not used), the repeats interleaved across variants.
-The CPU's features and what ``train.precision=auto`` picks on it are reported too. Ends
-with one JSON line.
+The CPU's features and what ``train.precision=auto`` picks on it are reported too. On a CPU
+without bf16 units (where ``auto`` picks fp32) bf16 is measured only as forced training runs
+it, once, on the first 2 steps (a step there takes 10-30x fp32's), and a bf16 matmul too
+slow for n=2048 is measured at n=512; ``auto_speedup`` is the chosen precision's tokens/s
+over the other's. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ from edgetune.config import DataConfig, LoraConfig, TrainConfig
 from edgetune.datasets.devices import tokenized_device
 from edgetune.lm import autocast, causal_lm, pad_id, summed_loss
 from edgetune.precision import DEVICE_ATTENTION, FP32_ATTENTION, cpu_flags, resolved_for_this_cpu
+
+
+def peak_size(dtype: torch.dtype, n: int = 2048, small: int = 512, seconds: float = 0.5) -> int:
+    """``n``, or ``small`` where an (n, n) @ (n, n) matmul in ``dtype`` would take over ``seconds``
+    (a bf16 one on a CPU without bf16 units: 57 s at n=2048 on one measured)."""
+    a = torch.randn(small, small, dtype=dtype)
+    a @ a
+    start = time.perf_counter()
+    a @ a
+    return n if (time.perf_counter() - start) * (n / small) ** 3 <= seconds else small
 
 
 def matmul_peak_gflops(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 7) -> float:
@@ -160,7 +173,14 @@ def main() -> None:
         ("fp32-peft-lora", "fp32", "fp32-peft-lora", False, None),
         ("fp32-fused", "fp32", "fp32", True, None),
     ]
-    flops = {p: sum(step_flops(models[p].train(), b, p) for b in batches) for p in ("bf16", "fp32")}
+    chosen = resolved_for_this_cpu("auto").precision
+    # On a CPU without bf16 units, bf16 only as forced training runs it, once, on 2 steps.
+    forced_only = chosen == "fp32"
+    if forced_only:
+        variants = [v for v in variants if v[1] == "fp32" or v[0] == "bf16"]
+    measured = {"fp32": batches, "bf16": batches[:2] if forced_only else batches}
+    counted = {p: sum(int(b["attention_mask"].sum()) for b in measured[p]) for p in measured}
+    flops = {p: sum(step_flops(models[p].train(), b, p) for b in measured[p]) for p in measured}
     models["bf16-per-layer"] = copy.deepcopy(models["bf16"])
     for precision in ("bf16", "fp32"):
         models[f"{precision}-peft-lora"] = peft_lora = copy.deepcopy(models[precision])
@@ -190,35 +210,44 @@ def main() -> None:
         if compiled:
             result[f"{name}_warmup_seconds"] = round(seconds, 1)
             print(f"{name:>15}: compiled and warmed up on {len(batches)} steps in {seconds:.1f} s", flush=True)
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    sizes = {p: peak_size(dtype) for p, dtype in dtypes.items()}
     peak_runs: dict[str, list[float]] = {"bf16": [], "fp32": []}
-    for _ in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike, and the peaks
-        for dtype, precision in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-            peak_runs[precision].append(matmul_peak_gflops(dtype))
+    for repeat in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike, and the peaks
+        for precision, dtype in dtypes.items():
+            peak_runs[precision].append(matmul_peak_gflops(dtype, sizes[precision]))
         for name, precision, model, fused, attention in variants:
-            runs[name].append(timed(model, precision, fused, attention, batches))
+            if repeat == 0 or measured[precision] is batches:
+                runs[name].append(timed(model, precision, fused, attention, measured[precision]))
     peaks = {p: statistics.median(g) for p, g in peak_runs.items()}
-    for precision, measured in peak_runs.items():
+    for precision, gflops in peak_runs.items():
         result[f"{precision}_matmul_peak_gflops"] = round(peaks[precision], 1)
-        result[f"{precision}_matmul_peak_gflops_runs"] = [round(g, 1) for g in measured]
+        result[f"{precision}_matmul_peak_gflops_runs"] = [round(g, 1) for g in gflops]
+        result[f"{precision}_matmul_peak_n"] = sizes[precision]
     for name, precision, *_ in variants:
         seconds = statistics.median(w for w, _ in runs[name])
         # each repeat against the peak measured just before it
-        fractions = [flops[precision] / w / 1e9 / g for (w, _), g in zip(runs[name], peak_runs[precision], strict=True)]
+        peaks_before = peak_runs[precision][: len(runs[name])]
+        fractions = [flops[precision] / w / 1e9 / g for (w, _), g in zip(runs[name], peaks_before, strict=True)]
         cpu_s = statistics.median(c for _, c in runs[name])
-        result[f"{name}_tokens_per_s"] = round(tokens / seconds, 1)
+        steps, run_tokens = len(measured[precision]), counted[precision]
+        result[f"{name}_steps"] = steps
+        result[f"{name}_tokens_per_s"] = round(run_tokens / seconds, 1)
         result[f"{name}_seconds"] = round(seconds, 3)
         result[f"{name}_cpu_seconds"] = round(cpu_s, 3)
         result[f"{name}_gflops"] = round(flops[precision] / seconds / 1e9, 1)
         result[f"{name}_fraction_of_peak"] = round(statistics.median(fractions), 4)
         result[f"{name}_fraction_of_peak_runs"] = [round(f, 4) for f in fractions]
         print(
-            f"{name:>15}: {tokens / seconds:8.1f} tokens/s, {flops[precision] / seconds / 1e9:7.1f} GFLOP/s "
+            f"{name:>15}: {run_tokens / seconds:8.1f} tokens/s, {flops[precision] / seconds / 1e9:7.1f} GFLOP/s "
             f"= {statistics.median(fractions):6.1%} of the {precision} matmul peak ({peaks[precision]:.0f} GFLOP/s); "
-            f"{seconds:.2f} s wall, {cpu_s:.2f} s CPU per {args.steps} steps",
+            f"{seconds:.2f} s wall, {cpu_s:.2f} s CPU per {steps} steps",
             flush=True,
         )
     result["bf16_speedup_over_fp32"] = round(float(result["bf16_tokens_per_s"]) / float(result["fp32_tokens_per_s"]), 2)
-    chosen = resolved_for_this_cpu("auto").precision
+    other = "fp32" if chosen == "bf16" else "bf16"
+    result["auto_speedup"] = round(float(result[f"{chosen}_tokens_per_s"]) / float(result[f"{other}_tokens_per_s"]), 2)
+    print(f"train.precision=auto -> {chosen}: {result['auto_speedup']}x the tokens/s of {other}", flush=True)
     result["auto_fraction_of_peak"] = result[f"{chosen}_fraction_of_peak"]
     if not args.no_compile:
         result["auto_compiled_fraction_of_peak"] = result[f"{chosen}-compiled_fraction_of_peak"]
