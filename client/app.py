@@ -77,7 +77,7 @@ def _open_round(msg: Message, context: Context) -> _Round:
     config = msg.content.config_records[wire.CONFIG]
     cfg = from_flat(json.loads(str(config[wire.RUN_CONFIG_JSON])))
     node = context.node_config
-    device_id = str(node.get(wire.DEVICE_ID) or f"sim-{node.get(wire.PARTITION_ID, context.node_id)}")
+    device_id = _device_id(context)
     storage_dir = node.get(wire.STORAGE_DIR)
     device_dir = Path(str(storage_dir)) if storage_dir else Path(str(config[wire.DEVICE_ROOT])) / device_id
     # A real device serves run after run: each run's adapter state in a folder of its own.
@@ -98,6 +98,12 @@ def _open_round(msg: Message, context: Context) -> _Round:
     run, key = run_tag(str(config[wire.RUN_CONFIG_JSON])), _signing_key(node, cfg, device_id)
     round_ = int(config[wire.ROUND])
     return _Round(cfg, storage, model, pad_id(tokenizer), data, state, round_, version, device_id, run, key)
+
+
+def _device_id(context: Context) -> str:
+    """The device's id: its node config's ``device-id``, or ``sim-<partition>`` in simulation."""
+    node = context.node_config
+    return str(node.get(wire.DEVICE_ID) or f"sim-{node.get(wire.PARTITION_ID, context.node_id)}")
 
 
 def _signing_key(node: dict, cfg: RunConfig, device_id: str) -> PrivateKey | None:
@@ -132,20 +138,31 @@ def _reply(
     delta: Payload | None = None,
     extra: dict[str, ArrayRecord] | None = None,
 ) -> Message:
-    content = RecordDict(
-        {
-            wire.METRICS: MetricRecord({wire.ROUND: r.round, wire.HELD_VERSION: r.version, **metrics}),
-            wire.DEVICE: ConfigRecord({wire.DEVICE_ID: r.device_id}),
-        }
-    )
+    content = RecordDict({wire.METRICS: MetricRecord({wire.ROUND: r.round, wire.HELD_VERSION: r.version, **metrics})})
     if delta is not None:
         content[wire.DELTA] = ArrayRecord({k: Array(v) for k, v in delta.items()})
     for name, record in (extra or {}).items():
         content[name] = record
-    if r.key is not None:  # signed over everything above, exact payload bytes included
-        digest = content_digest(msg.metadata.message_type, r.run, r.device_id, content)
-        content[wire.DEVICE][wire.SIGNATURE] = sign(r.key, digest)
+    return _signed(msg, content, r.device_id, r.run, r.key)
+
+
+def _signed(msg: Message, content: RecordDict, device_id: str, run: str, key: PrivateKey | None) -> Message:
+    """The reply to ``msg``: ``content`` with the device record, signed over all of it."""
+    content[wire.DEVICE] = ConfigRecord({wire.DEVICE_ID: device_id})
+    if key is not None:  # signed over everything, exact payload bytes included
+        digest = content_digest(msg.metadata.message_type, run, device_id, content)
+        content[wire.DEVICE][wire.SIGNATURE] = sign(key, digest)
     return Message(content, reply_to=msg)
+
+
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Name this device, signed (no model or data loaded): the server samples by device id."""
+    config = msg.content.config_records[wire.CONFIG]
+    run_json = str(config[wire.RUN_CONFIG_JSON])
+    cfg, device_id = from_flat(json.loads(run_json)), _device_id(context)
+    content = RecordDict({wire.METRICS: MetricRecord({wire.ROUND: int(config[wire.ROUND])})})
+    return _signed(msg, content, device_id, run_tag(run_json), _signing_key(context.node_config, cfg, device_id))
 
 
 @app.train()

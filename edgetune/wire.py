@@ -43,6 +43,10 @@ BITS = "bits"
 SCALES = "scales"
 VALUES = "values"
 
+# Before sampling from unnamed nodes: each names its device id (signed), so that sampling,
+# evaluation samples and dropouts follow device ids from the first round (node ids are random).
+IDENTIFY = "query.identify"  # config: round, run config; reply: metrics (round), device record
+
 # Secure aggregation (server/secagg.py, client/secagg.py): four message types, one record.
 SECAGG = "secagg"  # ConfigRecord in every stage's message and reply
 SECAGG_MASKED = "secagg-masked"  # ArrayRecord: the masked input, k bits per parameter, packed

@@ -66,13 +66,14 @@ from edgetune.server.rounds import Interrupted, dropouts, exchange
 from edgetune.server.sampling import private_sample
 from edgetune.server.secagg import secagg_round, skellam_event
 from edgetune.server.strategy import DeltaFedAvg
-from edgetune.server.uplinks import record_uplink
+from edgetune.server.uplinks import ALLOWED_VERDICT, describe_uplink, record_uplink
 from edgetune.server.validate import (
     Rejection,
     TrainReply,
     Verifier,
     delta_rms_bound,
     validate_eval,
+    validate_identity,
     validate_train,
 )
 from edgetune.types import StateDict
@@ -109,6 +110,7 @@ class Federation:
         self.stop = stop  # set by a signal: end at the next poll, status "interrupted"
         self.ids = Identities(grid)  # device id -> node (server/identity.py)
         self.verifier: Verifier | None = None  # set once the devices are connected
+        self.named: dict[int, str] = {}  # node id -> the device id its identify reply named
         shapes = adapter_shapes(model_skeleton(cfg.model.base), cfg.lora)
         resumed = latest_checkpoint(run_dir)
         self.start_round = 1 if resumed is None else resumed[0] + 1
@@ -169,13 +171,54 @@ class Federation:
         if losses and sum(tokens) > 0:
             m.eval_loss = float(np.average(losses, weights=tokens))
 
+    def _name(self, node: int) -> str:
+        """The device id a valid reply bound to ``node``, else the one it named, else ``node-<id>``."""
+        return self.fed.node_devices.get(node) or self.named.get(node) or f"node-{node}"
+
+    def _identify(self, nodes: list[int], round_: int) -> None:
+        """Ask each node not yet named for its device id (signed), where a sample or dropout needs it.
+
+        Node ids are random (new ones on every simulation start), device ids are not: sampling
+        by device id makes a rerun with the same seed train and evaluate the same devices. A
+        device id named by two nodes names neither; a bad or missing reply leaves ``node-<id>``.
+        """
+        f = self.cfg.federation
+        unnamed = [n for n in nodes if self._name(n) == f"node-{n}"]
+        every = f.sampled >= len(nodes) and (f.eval_devices == 0 or f.eval_devices >= len(nodes))
+        if not unnamed or (every and f.dropout == 0):  # no draw to make
+            return
+        config = ConfigRecord({wire.ROUND: round_, wire.RUN_CONFIG_JSON: self.config_json})
+        messages = [
+            Message(RecordDict({wire.CONFIG: config}), dst_node_id=n, message_type=wire.IDENTIFY, group_id=str(round_))
+            for n in unnamed
+        ]
+        timeout = None if self.simulated else f.reply_timeout
+        claims: dict[str, list[int]] = {}
+        for reply in exchange(self.grid, messages, timeout, f"round {round_} identify", self.stop):
+            device = validate_identity(reply, round_, self.verifier)
+            flagged = describe_uplink(round_, "identify", reply)["verdict"] != ALLOWED_VERDICT
+            # On record only then: uplinks.jsonl stays proportional to the devices that trained
+            # or evaluated (the others said only their id, signed).
+            if isinstance(device, Rejection) or flagged:
+                record_uplink(self.run_dir, round_, "identify", reply)
+            if isinstance(device, Rejection):
+                log.warning("round %d: identify reply from node %d dropped: %s", round_, device.node_id, device.reason)
+            else:
+                claims.setdefault(device, []).append(reply.metadata.src_node_id)
+        taken = {self._name(n) for n in nodes}
+        for device, claimants in claims.items():
+            if len(claimants) == 1 and device not in taken:
+                self.named[claimants[0]] = device
+            else:
+                log.warning("round %d: device id %r named by nodes %s: left unnamed", round_, device, claimants)
+
     def _sample(self, round_: int, nodes: list[int]) -> list[int]:
         """Devices to train, seeded by (run seed, round) over stable device ids.
 
-        Node ids change when a simulation restarts; device ids do not. A node not yet
-        identified by a valid reply is still eligible, under its node id.
+        Node ids change when a simulation restarts; device ids do not (:meth:`_identify`). A
+        node without one is still eligible, under its node id.
         """
-        by_device = {self.fed.node_devices.get(n, f"node-{n}"): n for n in nodes}
+        by_device = {self._name(n): n for n in nodes}
         rng = np.random.default_rng([self.cfg.seed, round_])
         k = min(self.cfg.federation.sampled, len(by_device))
         return sorted(by_device[d] for d in rng.choice(sorted(by_device), size=k, replace=False))
@@ -250,7 +293,7 @@ class Federation:
             m.dp_epsilon = planned[1]
         m.dp_sampled = m.sampled = len(chosen)
         if self.simulated and self.cfg.federation.dropout > 0:
-            names = {self.fed.node_devices.get(n, f"node-{n}"): n for n in chosen}
+            names = {self._name(n): n for n in chosen}
             gone = dropouts(names, self.cfg.federation.dropout, self.cfg.seed, round_)
             m.dropped_out = sorted(gone)
             chosen = [n for d, n in sorted(names.items()) if d not in gone]
@@ -289,16 +332,14 @@ class Federation:
         return round_ % f.eval_every == 0 or round_ == f.rounds
 
     def _eval_nodes(self, nodes: list[int]) -> list[int]:
-        """All nodes, or a sample of ``eval-devices`` fixed for the run (seeded by the run seed).
-
-        Drawn by position: Flower's node ids are unsigned 64-bit, and numpy turns a list of them
-        into floats, which cannot hold most of them exactly.
-        """
+        """All nodes, or a sample of ``eval-devices`` fixed for the run (seeded by the run seed,
+        drawn over device ids as :meth:`_sample` draws)."""
         k = self.cfg.federation.eval_devices
         if k == 0 or k >= len(nodes):
             return nodes
-        picked = np.random.default_rng([self.cfg.seed, 1]).choice(len(nodes), size=k, replace=False)
-        return sorted(nodes[i] for i in picked)
+        by_device = {self._name(n): n for n in nodes}
+        picked = np.random.default_rng([self.cfg.seed, 1]).choice(sorted(by_device), size=k, replace=False)
+        return sorted(by_device[d] for d in picked)
 
     def _save(self, round_: int) -> None:
         f = self.cfg.federation
@@ -324,6 +365,7 @@ class Federation:
         nodes = _wait_for_nodes(self.grid, cfg.federation.num_devices, cfg.federation.reply_timeout)
         self.verifier = make_verifier(self.grid, cfg, self.config_json, self.simulated)
         done = self.start_round - 1
+        self._identify(nodes, done)
         truncate_metrics(run_dir, done)
         logged = any(m["round"] == done for m in read_metrics(run_dir))
         # A crash between checkpoint and metrics line: finish that round's line from the

@@ -1,7 +1,8 @@
 """What left each device: one JSON line per reply received, with a verdict.
 
 The federation calls :func:`record_uplink` for every train and evaluate reply BEFORE
-validation, so rejected replies are on record too. Each line of ``uplinks.jsonl`` reads::
+validation, so rejected replies are on record too; identify replies (the device id, signed,
+once per run start) only when rejected or flagged. Each line of ``uplinks.jsonl`` reads::
 
     {"round": 1, "kind": "train", "node": 7, "device": "sim-0",
      "records": [{"record": "delta", "type": "array", "items": [

@@ -37,6 +37,7 @@ __all__ = [
     "Verifier",
     "delta_rms_bound",
     "validate_eval",
+    "validate_identity",
     "validate_metrics",
     "validate_train",
 ]
@@ -133,9 +134,8 @@ def _check_signature(msg: Message, kind: str, device: str, verifier: Verifier) -
         raise ValueError(f"bad signature: not signed with the key of device {device!r} for this run and round")
 
 
-def _common(
-    msg: Message, round_: int, keys: tuple[str, ...], version: int | None, verifier: Verifier | None, kind: str
-) -> tuple[str, dict[str, float]]:
+def _signed_for_round(msg: Message, round_: int, verifier: Verifier | None, kind: str) -> tuple[str, dict[str, float]]:
+    """(device id, metrics) of a reply that names its device, for ``round_``, signed when checked."""
     if msg.has_error():
         reason = str(msg.error.reason)  # a traceback ends with the exception: keep the end
         raise ValueError(f"device error: {reason if len(reason) <= 2000 else '...' + reason[-2000:]}")
@@ -148,12 +148,29 @@ def _common(
     if verifier is not None:  # before anything is decoded
         _check_signature(msg, kind, device, verifier)
     metrics = dict(content.metric_records[wire.METRICS])
-    missing = [k for k in (wire.ROUND, wire.HELD_VERSION, *keys) if k not in metrics]
-    if missing:
-        raise ValueError(f"metrics lack {missing}")
+    if wire.ROUND not in metrics:
+        raise ValueError(f"metrics lack {[wire.ROUND]}")
     got_round = metrics[wire.ROUND]
     if isinstance(got_round, bool) or not isinstance(got_round, int) or got_round != round_:
         raise ValueError(f"reply is for round {_show(got_round)}, not {round_}")
+    return device, metrics
+
+
+def validate_identity(msg: Message, round_: int, verifier: Verifier | None = None) -> str | Rejection:
+    """The device id an identify reply (``wire.IDENTIFY``) names for ``round_``, or a Rejection."""
+    try:
+        return _signed_for_round(msg, round_, verifier, wire.IDENTIFY)[0]
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as err:
+        return Rejection(msg.metadata.src_node_id, str(err))
+
+
+def _common(
+    msg: Message, round_: int, keys: tuple[str, ...], version: int | None, verifier: Verifier | None, kind: str
+) -> tuple[str, dict[str, float]]:
+    device, metrics = _signed_for_round(msg, round_, verifier, kind)
+    missing = [k for k in (wire.HELD_VERSION, *keys) if k not in metrics]
+    if missing:
+        raise ValueError(f"metrics lack {missing}")
     for key in (*keys, *(k for k in _OPTIONAL if k in metrics)):
         if _number(key, metrics[key]) < 0:
             raise ValueError(f"metric {key}={_show(metrics[key])} outside [0, inf)")

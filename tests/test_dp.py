@@ -27,6 +27,7 @@ from edgetune.adapters.delta import global_norm
 from edgetune.adapters.lora import adapter_shapes, init_adapter
 from edgetune.adapters.peft_io import load_adapter
 from edgetune.client.app import evaluate as client_evaluate
+from edgetune.client.app import identify as client_identify
 from edgetune.client.app import train as client_train
 from edgetune.client.device import clip_for_uplink
 from edgetune.config import DataConfig, DpConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
@@ -183,7 +184,8 @@ class LocalGrid:
             node = msg.metadata.dst_node_id
             config = {wire.PARTITION_ID: node - 100, "num-partitions": self.num_devices}
             context = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
-            handler = client_train if msg.metadata.message_type == "train" else client_evaluate
+            kind = msg.metadata.message_type
+            handler = {"train": client_train, wire.IDENTIFY: client_identify}.get(kind, client_evaluate)
             replies.append(handler(msg, context))
         if messages and messages[0].metadata.message_type == "train":
             self.train_rounds += 1

@@ -15,6 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from edgetune import wire
 from edgetune.client.app import evaluate as client_evaluate
+from edgetune.client.app import identify as client_identify
 from edgetune.client.app import train as client_train
 from edgetune.config import ConfigError, DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
 from edgetune.server.checkpoint import dir_bytes, footprint, latest_checkpoint
@@ -29,13 +30,18 @@ NODE0 = 2**63 - 2
 (numpy holds such a list as float64) and not float64 values."""
 
 
-class InProcessGrid:
-    """A Flower Grid stand-in: node ``NODE0 + i`` is the simulated device with partition id ``i``;
-    each message goes straight to the ClientApp's handlers. Counts messages per type."""
+HANDLERS = {"train": client_train, "evaluate": client_evaluate, wire.IDENTIFY: client_identify}
 
-    def __init__(self, num_devices: int) -> None:
+
+class InProcessGrid:
+    """A Flower Grid stand-in: node ``NODE0 + i`` is the simulated device with partition id
+    ``partitions[i]`` (default ``i``); each message goes straight to the ClientApp's handlers.
+    Counts messages per type."""
+
+    def __init__(self, num_devices: int, partitions: list[int] | None = None) -> None:
         self.num_devices = num_devices
-        self.sent: dict[str, list[int]] = {"train": [], "evaluate": []}
+        self.partitions = partitions or list(range(num_devices))
+        self.sent: dict[str, list[int]] = {kind: [] for kind in HANDLERS}
 
     def get_node_ids(self) -> list[int]:
         return [NODE0 + i for i in range(self.num_devices)]
@@ -47,9 +53,9 @@ class InProcessGrid:
             self.sent[kind].append(node)
             if not 0 <= node - NODE0 < self.num_devices:
                 raise ValueError(f"Invalid destination node ID for Message: {node}")
-            config = {wire.PARTITION_ID: node - NODE0, "num-partitions": self.num_devices}
+            config = {wire.PARTITION_ID: self.partitions[node - NODE0], "num-partitions": self.num_devices}
             context = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
-            replies.append((client_train if kind == "train" else client_evaluate)(msg, context))
+            replies.append(HANDLERS[kind](msg, context))
         return replies
 
 
@@ -101,6 +107,19 @@ def test_eval_cadence_sample_phase_times_and_retention(tmp_path: Path, server_id
     assert round_ == 5 and sorted(state.updates) == [1, 2, 3, 4, 5]
     assert dir_bytes(tmp_path) > dir_bytes(tmp_path / wire.CHECKPOINT_DIR) > 0
     assert footprint(tmp_path).endswith("(2 checkpoints, 5 updates kept)")
+
+
+def test_a_rerun_samples_the_same_devices_whatever_their_node_ids(tmp_path: Path, server_identity: None) -> None:
+    # Node ids are random on every simulation start: the devices name themselves first.
+    def devices(grid: InProcessGrid, run_dir: Path) -> list[list[str]]:
+        cfg = _config(run_dir, rounds=2, devices_per_round=2, eval_devices=1, dropout=0.3)
+        run_federation(grid, cfg)  # type: ignore[arg-type]
+        return [sorted(m["per_device"]) for m in read_metrics(run_dir)]
+
+    first, second = InProcessGrid(NUM_DEVICES), InProcessGrid(NUM_DEVICES, [2, 0, 3, 1])
+    assert devices(first, tmp_path / "a") == devices(second, tmp_path / "b")
+    assert sorted(second.sent[wire.IDENTIFY]) == first.get_node_ids()  # each node asked once
+    assert "identify" not in (tmp_path / "a" / wire.UPLINKS_FILE).read_text()  # on record only if flagged
 
 
 def test_resume_may_change_the_budget_keys(tmp_path: Path, server_identity: None) -> None:

@@ -43,6 +43,7 @@ HANDLERS = {
     wire.SECAGG_MASK: client_app.secagg_mask,
     wire.SECAGG_UNMASK: client_app.secagg_unmask,
     "evaluate": client_app.evaluate,
+    wire.IDENTIFY: client_app.identify,
 }
 
 

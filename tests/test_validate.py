@@ -29,7 +29,15 @@ from edgetune.adapters.codec import decode, encode, payload_bytes
 from edgetune.adapters.lora import adapter_shapes, exchanged_names
 from edgetune.config import CODECS, FederationConfig, LoraConfig, ModelConfig, RunConfig
 from edgetune.models import model_skeleton
-from edgetune.server.validate import EvalReply, Rejection, TrainReply, validate_eval, validate_train
+from edgetune.server.validate import (
+    EvalReply,
+    Rejection,
+    TrainReply,
+    Verifier,
+    validate_eval,
+    validate_identity,
+    validate_train,
+)
 from edgetune.signing import content_digest, run_tag, sign, simulation_key
 
 SERVER_NODE = 1
@@ -425,6 +433,30 @@ def test_train_reply_passes_eval_validation_only_with_eval_metrics() -> None:
     assert isinstance(r, Rejection) and "eval-loss" in r.reason
 
 
+def _identify_reply(round_: int, device: str = DEVICE_ID, signer: str = DEVICE_ID) -> Message:
+    """An identify reply naming ``device``, signed with ``signer``'s simulated key (run seed 0)."""
+    content = RecordDict(
+        {wire.METRICS: MetricRecord({wire.ROUND: round_}), wire.DEVICE: ConfigRecord({wire.DEVICE_ID: device})}
+    )
+    content[wire.DEVICE][wire.SIGNATURE] = sign(
+        simulation_key(0, signer), content_digest(wire.IDENTIFY, run_tag("{}"), device, content)
+    )
+    return _reply(content, wire.IDENTIFY)
+
+
+def test_identify_reply_names_its_device_only_when_signed_for_this_round() -> None:
+    verifier = Verifier(run_tag("{}"), lambda node, device: simulation_key(0, device).public_key())
+    assert validate_identity(_identify_reply(ROUND), ROUND, verifier) == DEVICE_ID
+    for msg, reason in [
+        (_identify_reply(ROUND - 1), f"reply is for round {ROUND - 1}, not {ROUND}"),
+        (_identify_reply(ROUND, "sim-1"), "not signed with the key of device 'sim-1'"),
+        (_identify_reply(ROUND, "a\nb", "a\nb"), "is not 1-128 printable characters"),
+        (_reply(RecordDict(), wire.IDENTIFY), "lacks its metrics or device record"),
+    ]:
+        r = validate_identity(msg, ROUND, verifier)
+        assert isinstance(r, Rejection) and r.node_id == NODE and reason in r.reason
+
+
 # ---- what the server does with replies validation lets through ---------------------------
 
 
@@ -451,16 +483,15 @@ class ScriptedGrid:
     def _answer(self, msg: Message) -> Message:
         node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
         config = msg.content.config_records[wire.CONFIG]
-        metrics: dict[str, float | int] = {
-            wire.ROUND: int(config[wire.ROUND]),
-            wire.HELD_VERSION: int(config[wire.VERSION]),
-        }
+        metrics: dict[str, float | int] = {wire.ROUND: int(config[wire.ROUND])}  # all an identify reply says
         content = RecordDict({wire.DEVICE: ConfigRecord({wire.DEVICE_ID: f"dev-{node}"})})
+        if kind != wire.IDENTIFY:
+            metrics[wire.HELD_VERSION] = int(config[wire.VERSION])
         if kind == "train":
             delta = {k: torch.full(s, 0.01 * (node - 10)) for k, s in self.shapes.items()}
             content[wire.DELTA] = ArrayRecord({k: Array(v) for k, v in encode(delta, "1bit").items()})
             metrics.update({wire.NUM_EXAMPLES: 2, wire.TRAIN_LOSS: 3.0, wire.NUM_TOKENS: 50, wire.SECONDS: 0.1})
-        else:
+        elif kind == "evaluate":
             metrics.update({wire.EVAL_LOSS: 3.0, wire.NUM_TOKENS: 40})
         if node in self.bad_nodes and kind == self.bad_kind:
             metrics.update(self.bad)
