@@ -1,5 +1,8 @@
 """The federated run, driven over a Flower Grid: rounds, checkpoints, evaluation, resume.
 
+Before round 0 (or a resume's re-evaluation), where a sample or dropout will be drawn, each
+node not yet known names its device id (``wire.IDENTIFY``, signed): node ids are random.
+
 Round ``t`` (1..R):
     1. sample ``devices_per_round`` devices (seeded by run seed and t, over stable device ids;
        under DP: Poisson or fixed-size from OS entropy, after checking the epsilon budget)
