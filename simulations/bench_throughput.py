@@ -179,6 +179,7 @@ def main() -> None:
     if forced_only:
         variants = [v for v in variants if v[1] == "fp32" or v[0] == "bf16"]
     measured = {"fp32": batches, "bf16": batches[:2] if forced_only else batches}
+    repeats = {"fp32": args.repeats, "bf16": 1 if forced_only else args.repeats}
     counted = {p: sum(int(b["attention_mask"].sum()) for b in measured[p]) for p in measured}
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in measured[p]) for p in measured}
     models["bf16-per-layer"] = copy.deepcopy(models["bf16"])
@@ -217,7 +218,7 @@ def main() -> None:
         for precision, dtype in dtypes.items():
             peak_runs[precision].append(matmul_peak_gflops(dtype, sizes[precision]))
         for name, precision, model, fused, attention in variants:
-            if repeat == 0 or measured[precision] is batches:
+            if repeat < repeats[precision]:
                 runs[name].append(timed(model, precision, fused, attention, measured[precision]))
     peaks = {p: statistics.median(g) for p, g in peak_runs.items()}
     for precision, gflops in peak_runs.items():
