@@ -25,7 +25,11 @@ The CPU's features and what ``train.precision=auto`` picks on it are reported to
 without bf16 units (where ``auto`` picks fp32) bf16 is measured only as forced training runs
 it, once, on the first 2 steps (a step there takes 10-30x fp32's), and a bf16 matmul too
 slow for n=2048 is measured at n=512; ``auto_speedup`` is the chosen precision's tokens/s
-over the other's. Ends with one JSON line.
+over the other's. Beside the variants, the steps' own matmuls are replayed alone, back to
+back (the same operators, shapes, strides and dtypes, recorded below autocast on one pass;
+``*_matmuls_alone_*``): their fraction of the peak is the most any step of these shapes could
+reach, so it separates what the shapes cost (small M, rank-8 adapter products, attention's
+batched products) from what everything else in the step costs. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from edgetune.adapters.fused import fuse_lora_forward
@@ -98,6 +103,59 @@ def timed_steps(
         opt.step()
         opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start, time.process_time() - cpu
+
+
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+class MatmulRecorder(TorchDispatchMode):
+    """Notes every matmul that runs inside it (after autocast: the dtypes that really
+    multiply), as its operator and each operand's shape, strides and dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, tuple[object, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in MATMULS:
+            spec = tuple((a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+            self.calls.append((func, spec))
+        return func(*args, **(kwargs or {}))
+
+
+def operand(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A random tensor laid out as recorded (a transposed or sliced view stays one)."""
+    size = 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+    return torch.randn(size).to(dtype).as_strided(shape, stride)
+
+
+class MatmulReplay:
+    """The matmuls of ``model``'s steps on ``batches`` (forward and backward, as
+    :func:`timed_steps` runs them), replayed alone and back to back on operands of the same
+    shapes, strides and dtypes (one per distinct layout, so they stay warm in cache): what
+    the steps would take if everything but their matmuls cost nothing. Its GFLOP/s over the
+    square-matmul peak is the most a step of these shapes can reach."""
+
+    def __init__(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], precision: str) -> None:
+        recorder = MatmulRecorder()
+        with recorder:
+            timed_steps(model, batches, precision, 1e-3)
+        operands: dict[tuple[object, ...], torch.Tensor] = {}
+        self.calls = [
+            (func, [operands.setdefault(a, operand(*a)) if isinstance(a, tuple) else a for a in spec])
+            for func, spec in recorder.calls
+        ]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.run()
+        self.flops = int(counter.get_total_flops())
+
+    def run(self) -> float:
+        """Wall seconds of one pass over the recorded matmuls."""
+        start = time.perf_counter()
+        for func, args in self.calls:
+            func(*args)  # type: ignore[operator]
+        return time.perf_counter() - start
 
 
 def cpu_features() -> dict[str, object]:
@@ -182,6 +240,8 @@ def main() -> None:
     repeats = {"fp32": args.repeats, "bf16": 1 if forced_only else args.repeats}
     counted = {p: sum(int(b["attention_mask"].sum()) for b in measured[p]) for p in measured}
     flops = {p: sum(step_flops(models[p].train(), b, p) for b in measured[p]) for p in measured}
+    # the steps' own matmuls alone (not for bf16 forced on a CPU without bf16 units)
+    replays = {p: MatmulReplay(models[p].train(), measured[p], p) for p in (("fp32",) if forced_only else measured)}
     models["bf16-per-layer"] = copy.deepcopy(models["bf16"])
     for precision in ("bf16", "fp32"):
         models[f"{precision}-peft-lora"] = peft_lora = copy.deepcopy(models[precision])
@@ -214,9 +274,12 @@ def main() -> None:
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     sizes = {p: peak_size(dtype) for p, dtype in dtypes.items()}
     peak_runs: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    replay_runs: dict[str, list[float]] = {p: [] for p in replays}
     for repeat in range(args.repeats):  # interleaved, so that a busy spell hits every variant alike, and the peaks
         for precision, dtype in dtypes.items():
             peak_runs[precision].append(matmul_peak_gflops(dtype, sizes[precision]))
+        for precision, replay in replays.items():
+            replay_runs[precision].append(replay.run())
         for name, precision, model, fused, attention in variants:
             if repeat < repeats[precision]:
                 runs[name].append(timed(model, precision, fused, attention, measured[precision]))
@@ -225,6 +288,19 @@ def main() -> None:
         result[f"{precision}_matmul_peak_gflops"] = round(peaks[precision], 1)
         result[f"{precision}_matmul_peak_gflops_runs"] = [round(g, 1) for g in gflops]
         result[f"{precision}_matmul_peak_n"] = sizes[precision]
+    for precision, replay in replays.items():
+        alone = replay_runs[precision]
+        peaks_before = peak_runs[precision]
+        fraction = statistics.median(replay.flops / w / 1e9 / g for w, g in zip(alone, peaks_before, strict=True))
+        seconds = statistics.median(alone)
+        result[f"{precision}_matmuls_alone_seconds"] = round(seconds, 3)
+        result[f"{precision}_matmuls_alone_fraction_of_peak"] = round(fraction, 4)
+        print(
+            f"{precision + ' matmuls':>15}: {replay.flops / seconds / 1e9:7.1f} GFLOP/s = {fraction:6.1%} "
+            f"of the {precision} matmul peak, the steps' {len(replay.calls)} matmuls alone, back to back "
+            f"({seconds:.2f} s): the most steps of these shapes can reach",
+            flush=True,
+        )
     for name, precision, *_ in variants:
         seconds = statistics.median(w for w, _ in runs[name])
         # each repeat against the peak measured just before it
