@@ -45,12 +45,18 @@ def select_engine(cfg: RunConfig, node_config: Mapping[str, object]) -> str:
     """The engine this device trains with: node config, then ``train.ort-devices``, then ``train.engine``.
 
     Raises:
-        ValueError: the node config names an engine that does not exist.
+        ValueError: the node config names an engine that does not exist, or ONNX Runtime
+            where the run clips gradients (``train.max-grad-norm``), which its artefacts cannot.
     """
     chosen = node_config.get(wire.TRAIN_ENGINE)
     if chosen:
         if str(chosen) not in ENGINES:
             raise ValueError(f"node config {wire.TRAIN_ENGINE}={chosen!r}: expected one of {ENGINES}")
+        if chosen == ORT and cfg.train.max_grad_norm:
+            raise ValueError(
+                f"node config {wire.TRAIN_ENGINE}={chosen!r}: the run clips gradients "
+                f"(train.max-grad-norm={cfg.train.max_grad_norm:g}), which ONNX Runtime's training artefacts cannot"
+            )
         return str(chosen)
     partition = node_config.get(wire.PARTITION_ID)
     if partition is not None and str(partition) in cfg.train.ort_devices:

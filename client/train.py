@@ -93,6 +93,8 @@ def train_local(model: PeftModel, batches: Iterator[dict[str, torch.Tensor]], cf
         with autocast(cfg.precision):
             loss_sum, n = summed_loss(model, pack_rows(batch), chunked=recompute)
         (loss_sum / max(n, 1)).backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if recompute:

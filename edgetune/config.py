@@ -181,6 +181,9 @@ class TrainConfig:
     """Conversations per step."""
     learning_rate: float = 2e-3
     """AdamW learning rate for the adapter parameters."""
+    max_grad_norm: float = 0.0
+    """Clip the adapter gradient's L2 norm to this before every step (Hugging Face's
+    ``Trainer`` clips at 1.0); 0 means no clipping. PyTorch engine only."""
     precision: TrainPrecision = "auto"
     """``auto`` (bf16 autocast where the CPU has bf16 matrix units, AMX or AVX512-BF16, about
     2x faster there; fp32 elsewhere, where bf16 is several times slower; resolved by each
@@ -213,6 +216,13 @@ class TrainConfig:
         _check(self.local_steps >= 1, "train.local-steps", self.local_steps, "must be >= 1")
         _check(self.batch_size >= 1, "train.batch-size", self.batch_size, "must be >= 1")
         _check(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "must be > 0")
+        _check(self.max_grad_norm >= 0, "train.max-grad-norm", self.max_grad_norm, "must be >= 0")
+        _check(
+            not self.max_grad_norm or (self.engine == "pytorch" and not self.ort_devices),
+            "train.max-grad-norm",
+            self.max_grad_norm,
+            "clips with train.engine=pytorch only (the ONNX Runtime artefacts hold their own AdamW step)",
+        )
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ same work per update and differ only in how they do it:
 
     trainer   what FlowerTune's template does: each round every device loads the global
               adapter (both LoRA factors, fp32) into a PEFT model, builds a ``Trainer`` and
-              trains ``--steps`` steps (AdamW, constant learning rate; the full LM head;
-              bf16 autocast over the fp32 base), then sends both factors
+              trains ``--steps`` steps (AdamW, constant learning rate, the gradient clipped
+              at ``--max-grad-norm``; the full LM head; bf16 autocast over the fp32 base),
+              then sends both factors
               back in fp32; the server averages A and B factor-wise (weighted by examples).
               Run in this process, one device after another.
     edgetune  ``edgetune simulate`` on the defaults (B only, 1-bit both ways or ``--codec``,
               error feedback, the bf16-held base, batches packed into fewer rows, the LM
-              head on labelled positions only, AdamW's default step), in Flower's
-              simulation engine, one Ray worker process per machine.
+              head on labelled positions only, AdamW's default step, the gradient clipped
+              at ``--max-grad-norm`` as the Trainer clips it: ``train.max-grad-norm``), in
+              Flower's simulation engine, one Ray worker process per machine.
 
 ``--lr`` takes several rates: each runs on both sides, and each side is also compared at the
 rate of the grid where its held-out loss is lowest. ``--repeats`` runs each rate's pair that
@@ -101,6 +103,7 @@ def _trainer_update(
         max_steps=t.local_steps,
         per_device_train_batch_size=t.batch_size,
         learning_rate=t.learning_rate,
+        max_grad_norm=t.max_grad_norm,
         weight_decay=0.0,
         lr_scheduler_type="constant",
         optim="adamw_torch",
@@ -241,6 +244,13 @@ def main() -> None:
         help="learning rates, each run on both sides; with several, each side is also compared at its best",
     )
     parser.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=TrainingArguments.max_grad_norm,
+        metavar="NORM",
+        help="both sides clip each step's gradient to this L2 norm, 0: never (default: the Trainer's, %(default)s)",
+    )
+    parser.add_argument(
         "--codec",
         choices=CODECS,
         default=FederationConfig().codec,
@@ -269,7 +279,11 @@ def main() -> None:
             model=ModelConfig(base=args.base),
             data=DataConfig(max_length=128) if args.base == "tiny" else DataConfig(),
             train=TrainConfig(
-                local_steps=args.steps, batch_size=args.batch_size, learning_rate=rate, precision=precision
+                local_steps=args.steps,
+                batch_size=args.batch_size,
+                learning_rate=rate,
+                max_grad_norm=args.max_grad_norm,
+                precision=precision,
             ),
             federation=FederationConfig(rounds=args.rounds, num_devices=args.devices, codec=args.codec),
         )
@@ -280,7 +294,7 @@ def main() -> None:
             pairs["trainer"].append(run_trainer(cfg))
         runs[f"{rate:g}"] = {side: _median_run(r) for side, r in pairs.items()}
         cpu_runs[f"{rate:g}"] = {side: [x["cpu_seconds_per_update"] for x in r] for side, r in pairs.items()}
-    print(f"precision {precision}; edgetune codec {args.codec}; CPU: {features}")
+    print(f"precision {precision}; edgetune codec {args.codec}; max grad norm {args.max_grad_norm:g}; CPU: {features}")
     print(
         f"{'rate':>7} {'':>9} {'updates/h (CPU)':>15} {'CPU s/1k tokens':>15} {'up B/round':>11}"
         f" {'down B/round':>12} {'held-out loss':>20}"
@@ -314,6 +328,7 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "learning_rates": args.lr,
+        "max_grad_norm": args.max_grad_norm,
         "codec": args.codec,
         "repeats": args.repeats,
         "precision": precision,

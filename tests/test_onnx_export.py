@@ -228,6 +228,8 @@ def test_select_engine_node_config_then_ort_devices_then_default() -> None:
     assert select_engine(from_flat({"train.engine": ORT}), {}) == ORT
     with pytest.raises(ValueError, match="train-engine='tensorflow'"):
         select_engine(cfg, {wire.TRAIN_ENGINE: "tensorflow"})
+    with pytest.raises(ValueError, match="train.max-grad-norm=1"):
+        select_engine(from_flat({"train.max-grad-norm": "1"}), {wire.TRAIN_ENGINE: ORT})
 
 
 def test_trainer_rejects_an_adapter_of_another_shape(ort_export: tuple[PeftModel, Path]) -> None:
