@@ -15,8 +15,8 @@ same work per update and differ only in how they do it:
               adapter (both LoRA factors, fp32) into a PEFT model, builds a ``Trainer`` and
               trains ``--steps`` steps (AdamW, constant learning rate, the gradient clipped
               at ``--max-grad-norm``; the full LM head; bf16 autocast over the fp32 base),
-              then sends both factors
-              back in fp32; the server averages A and B factor-wise (weighted by examples).
+              then sends both factors back in fp32; the server averages A and B
+              factor-wise (weighted by examples).
               Run in this process, one device after another.
     edgetune  ``edgetune simulate`` on the defaults (B only, 1-bit both ways or ``--codec``,
               error feedback, the bf16-held base, batches packed into fewer rows, the LM

@@ -30,6 +30,6 @@ def test_the_replay_runs_every_matmul_of_the_steps_and_only_those(tiny_tokenizer
     replay = MatmulReplay(model, batches, precision)
 
     assert replay.flops == flops > 0  # forward and backward, as the FLOP counter counts a step
-    dtypes = {spec.dtype for _, args in replay.calls for spec in args if isinstance(spec, torch.Tensor)}
+    dtypes = {a.dtype for _, args in replay.calls for a in args if isinstance(a, torch.Tensor)}
     assert torch.bfloat16 in dtypes if precision == "bf16" else dtypes == {torch.float32}  # below autocast
     assert replay.run() > 0
