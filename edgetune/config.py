@@ -210,6 +210,11 @@ class TrainConfig:
     """Simulation only: partition ids (e.g. ``0,3``) that train with ``onnxruntime`` whatever
     ``engine`` says, so one run can mix engines."""
 
+    @property
+    def pytorch_only(self) -> bool:
+        """Every device trains with PyTorch (none with ONNX Runtime by ``engine`` or ``ort_devices``)."""
+        return self.engine == "pytorch" and not self.ort_devices
+
     def __post_init__(self) -> None:
         _check_choices(self, "train")
         _check(all(d.isdigit() for d in self.ort_devices), "train.ort-devices", self.ort_devices, "partition ids")
@@ -218,7 +223,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning-rate", self.learning_rate, "must be > 0")
         _check(self.max_grad_norm >= 0, "train.max-grad-norm", self.max_grad_norm, "must be >= 0")
         _check(
-            not self.max_grad_norm or (self.engine == "pytorch" and not self.ort_devices),
+            not self.max_grad_norm or self.pytorch_only,
             "train.max-grad-norm",
             self.max_grad_norm,
             "clips with train.engine=pytorch only (the ONNX Runtime artefacts hold their own AdamW step)",
@@ -513,7 +518,7 @@ def _check_adapter_kind(cfg: RunConfig) -> None:
     """Combinations of ``lora.kind`` and the device's engine and base that cannot train."""
     kind = cfg.lora.kind
     _check(
-        kind == "lora" or (cfg.train.engine == "pytorch" and not cfg.train.ort_devices),
+        kind == "lora" or cfg.train.pytorch_only,
         "lora.kind",
         kind,
         "trains with train.engine=pytorch only (the ONNX Runtime artefacts hold plain LoRA)",

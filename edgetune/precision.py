@@ -171,8 +171,8 @@ def resolve_run(cfg: RunConfig) -> RunConfig:
         pays = (
             cfg.model.base != TINY
             and cfg.federation.rounds * t.local_steps >= COMPILE_MIN_STEPS
-            and (cfg.lora.kind, cfg.model.quantize, checkpointing, t.engine) == ("lora", "none", "off", "pytorch")
-            and not t.ort_devices
+            and (cfg.lora.kind, cfg.model.quantize, checkpointing) == ("lora", "none", "off")
+            and t.pytorch_only
             and compiler_found()
         )
         compiled = "on" if pays else "off"
