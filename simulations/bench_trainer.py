@@ -7,9 +7,10 @@
 
 Both federations use the same devices (chatterbot English (language, topic) slices), the same
 base model, LoRA rank/alpha/targets, local steps, batch size, learning rate and precision
-(``train.precision=auto`` for this CPU), and the same batches: each device trains each round on
-the batches an edgetune device draws (``client.device.round_batches``), so both sides do the
-same work per update and differ only in how they do it:
+(``--precision``, default ``auto``: what this CPU runs fastest; forcing ``fp32`` on a CPU with
+bf16 units measures the path a CPU without them takes), and the same batches: each device
+trains each round on the batches an edgetune device draws (``client.device.round_batches``),
+so both sides do the same work per update and differ only in how they do it:
 
     trainer   what FlowerTune's template does: each round every device loads the global
               adapter (both LoRA factors, fp32) into a PEFT model, builds a ``Trainer`` and
@@ -67,6 +68,7 @@ from edgetune.models import load_base
 from edgetune.precision import resolved_for_this_cpu
 from edgetune.server.metrics import read_metrics
 from edgetune.simulations.bench_throughput import cpu_features
+from edgetune.types import TRAIN_PRECISIONS
 
 __all__ = ["run_edgetune", "run_trainer"]
 
@@ -258,6 +260,14 @@ def main() -> None:
         help=f"edgetune's exchange codec, both ways: {', '.join(CODECS)} (default: the run default, %(default)s)",
     )
     parser.add_argument(
+        "--precision",
+        choices=TRAIN_PRECISIONS,
+        default="auto",
+        metavar="PRECISION",
+        help="both sides' training precision: auto (what this CPU runs fastest), bf16 or fp32; forcing one"
+        " measures that path on a CPU that would pick the other (default: %(default)s)",
+    )
+    parser.add_argument(
         "--repeats",
         type=_positive,
         default=3,
@@ -269,7 +279,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(args.out)
-    precision = resolved_for_this_cpu("auto").precision
+    resolved = resolved_for_this_cpu(args.precision)
+    precision = resolved.precision
     features = cpu_features()
     runs: dict[str, dict[str, dict[str, float]]] = {}
     cpu_runs: dict[str, dict[str, list[float]]] = {}
@@ -294,7 +305,10 @@ def main() -> None:
             pairs["trainer"].append(run_trainer(cfg))
         runs[f"{rate:g}"] = {side: _median_run(r) for side, r in pairs.items()}
         cpu_runs[f"{rate:g}"] = {side: [x["cpu_seconds_per_update"] for x in r] for side, r in pairs.items()}
-    print(f"precision {precision}; edgetune codec {args.codec}; max grad norm {args.max_grad_norm:g}; CPU: {features}")
+    print(
+        f"precision {precision} ({args.precision}: {resolved.reason}); edgetune codec {args.codec};"
+        f" max grad norm {args.max_grad_norm:g}; CPU: {features}"
+    )
     print(
         f"{'rate':>7} {'':>9} {'updates/h (CPU)':>15} {'CPU s/1k tokens':>15} {'up B/round':>11}"
         f" {'down B/round':>12} {'held-out loss':>20}"
@@ -332,6 +346,7 @@ def main() -> None:
         "codec": args.codec,
         "repeats": args.repeats,
         "precision": precision,
+        "precision_requested": args.precision,
         "cpu": features,
         "runs": runs,
         "cpu_seconds_per_update_runs": cpu_runs,
