@@ -4,6 +4,7 @@
     python -m edgetune.simulations.bench_trainer --base tiny --devices 2 --rounds 1 --steps 2
 
     python -m edgetune.simulations.bench_trainer --lr 2e-3,8e-3 --codec 2bit
+    python -m edgetune.simulations.bench_trainer --precision fp32    # a CPU without bf16 units' path
 
 Both federations use the same devices (chatterbot English (language, topic) slices), the same
 base model, LoRA rank/alpha/targets, local steps, batch size, learning rate and precision
