@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from edgetune.adapters.lora import adapter_shapes
-from edgetune.config import DataConfig, FederationConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from edgetune.config import DataConfig, FederationConfig, ModelConfig, RunConfig, TrainConfig
 from edgetune.models import model_skeleton
 from edgetune.simulations import bench_trainer
 from edgetune.simulations.bench_trainer import _best_rate, _ratios, run_trainer
@@ -22,8 +22,7 @@ def test_the_trainer_client_trains_both_factors_and_sends_them_in_fp32(tmp_path)
         train=TrainConfig(local_steps=2, batch_size=2, learning_rate=8e-3, max_grad_norm=1.0, precision="fp32"),
         federation=FederationConfig(rounds=1, num_devices=2),
     )
-    both = LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets, train_a=True)
-    factor_bytes = 4 * sum(math.prod(s) for s in adapter_shapes(model_skeleton("tiny"), both).values())
+    factor_bytes = 4 * sum(math.prod(s) for s in adapter_shapes(model_skeleton("tiny"), cfg.lora).values())  # A and B
 
     result = run_trainer(cfg)
 
