@@ -29,7 +29,10 @@ over the other's. Beside the variants, the steps' own matmuls are replayed alone
 back (the same operators, shapes, strides and dtypes, recorded below autocast on one pass;
 ``*_matmuls_alone_*``): their fraction of the peak is the most any step of these shapes could
 reach, so it separates what the shapes cost (small M, rank-8 adapter products, attention's
-batched products) from what everything else in the step costs. Ends with one JSON line.
+batched products) from what everything else in the step costs; each kind of matmul
+(projections, rank-r adapter products, attention, LM head) is then replayed on its own, with
+its share of their time and FLOPs and its GFLOP/s (``*_matmuls_alone_by_kind``). Ends with
+one JSON line.
 """
 
 from __future__ import annotations
@@ -129,12 +132,25 @@ def operand(shape: torch.Size, stride: tuple[int, ...], dtype: torch.dtype) -> t
     return torch.randn(size).to(dtype).as_strided(shape, stride)
 
 
+def matmul_kind(func: object, shapes: list[torch.Size], rank: int, vocab: int) -> str:
+    """What a step's matmul computes, from its operator and operand shapes: attention's
+    batched products, the LM head (a vocabulary-wide side), the adapter's rank-r products
+    (``A x``'s output through ``B``, and their gradients), or the base projections."""
+    if func is torch.ops.aten.bmm.default:
+        return "attention"
+    dims = {d for shape in shapes for d in shape}
+    if vocab in dims:
+        return "LM head"
+    return f"rank-{rank} adapter" if rank in dims else "projections"
+
+
 class MatmulReplay:
     """The matmuls of ``model``'s steps on ``batches`` (forward and backward, as
     :func:`timed_steps` runs them), replayed alone and back to back on operands of the same
     shapes, strides and dtypes (one per distinct layout, so they stay warm in cache): what
     the steps would take if everything but their matmuls cost nothing. Its GFLOP/s over the
-    square-matmul peak is the most a step of these shapes can reach."""
+    square-matmul peak is the most a step of these shapes can reach; :meth:`by_kind` says
+    which matmuls hold it down (``model``: a PEFT LoRA model of one adapter)."""
 
     def __init__(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], precision: str) -> None:
         recorder = MatmulRecorder()
@@ -145,17 +161,38 @@ class MatmulReplay:
             (func, [operands.setdefault(a, operand(*a)) if isinstance(a, tuple) else a for a in spec])
             for func, spec in recorder.calls
         ]
-        counter = FlopCounterMode(display=False)
-        with counter:
-            self.run()
-        self.flops = int(counter.get_total_flops())
+        (rank,) = {c.r for c in model.peft_config.values()}  # type: ignore[operator, union-attr]
+        vocab = int(causal_lm(model).config.vocab_size)
+        self.kinds = [
+            matmul_kind(func, [a.shape for a in args if isinstance(a, torch.Tensor)], rank, vocab)
+            for func, args in self.calls
+        ]
+        self.kind_flops: dict[str, int] = {}
+        for kind in dict.fromkeys(self.kinds):  # in the order they first run
+            counter = FlopCounterMode(display=False)
+            with counter:
+                _replay(self._of_kind(kind))
+            self.kind_flops[kind] = int(counter.get_total_flops())
+        self.flops = sum(self.kind_flops.values())
+
+    def _of_kind(self, kind: str) -> list[tuple[object, list[object]]]:
+        return [call for call, k in zip(self.calls, self.kinds, strict=True) if k == kind]
 
     def run(self) -> float:
-        """Wall seconds of one pass over the recorded matmuls."""
-        start = time.perf_counter()
-        for func, args in self.calls:
-            func(*args)  # type: ignore[operator]
-        return time.perf_counter() - start
+        """Wall seconds of one pass over the recorded matmuls, in the steps' order."""
+        return _replay(self.calls)
+
+    def by_kind(self) -> dict[str, tuple[float, int]]:
+        """Wall seconds and FLOPs of each kind of matmul (:func:`matmul_kind`), each kind's
+        calls replayed back to back."""
+        return {kind: (_replay(self._of_kind(kind)), flops) for kind, flops in self.kind_flops.items()}
+
+
+def _replay(calls: list[tuple[object, list[object]]]) -> float:
+    start = time.perf_counter()
+    for func, args in calls:
+        func(*args)  # type: ignore[operator]
+    return time.perf_counter() - start
 
 
 def cpu_features() -> dict[str, object]:
@@ -301,6 +338,22 @@ def main() -> None:
             f"({seconds:.2f} s): the most steps of these shapes can reach",
             flush=True,
         )
+        kinds = replay.by_kind()
+        kinds_seconds = sum(t for t, _ in kinds.values())
+        result[f"{precision}_matmuls_alone_by_kind"] = {
+            kind: {
+                "time_share": round(t / kinds_seconds, 4),
+                "flops_share": round(f / replay.flops, 4),
+                "gflops": round(f / t / 1e9, 1),
+            }
+            for kind, (t, f) in kinds.items()
+        }
+        for kind, (t, f) in kinds.items():
+            print(
+                f"{'':>17}{kind + ':':<16}{t / kinds_seconds:6.1%} of their time, "
+                f"{f / replay.flops:6.1%} of their FLOPs, {f / t / 1e9:6.1f} GFLOP/s",
+                flush=True,
+            )
     for name, precision, *_ in variants:
         seconds = statistics.median(w for w, _ in runs[name])
         # each repeat against the peak measured just before it

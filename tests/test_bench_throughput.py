@@ -33,3 +33,11 @@ def test_the_replay_runs_every_matmul_of_the_steps_and_only_those(tiny_tokenizer
     dtypes = {a.dtype for _, args in replay.calls for a in args if isinstance(a, torch.Tensor)}
     assert torch.bfloat16 in dtypes if precision == "bf16" else dtypes == {torch.float32}  # below autocast
     assert replay.run() > 0
+    kinds = replay.by_kind()
+    assert (
+        {"projections", "rank-4 adapter", "LM head"}
+        <= set(kinds)
+        <= {"projections", "rank-4 adapter", "LM head", "attention"}
+    )
+    assert sum(f for _, f in kinds.values()) == flops  # every matmul in exactly one kind
+    assert all(t > 0 for t, _ in kinds.values())
