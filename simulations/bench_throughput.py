@@ -163,20 +163,17 @@ class MatmulReplay:
         ]
         (rank,) = {c.r for c in model.peft_config.values()}  # type: ignore[operator, union-attr]
         vocab = int(causal_lm(model).config.vocab_size)
-        self.kinds = [
-            matmul_kind(func, [a.shape for a in args if isinstance(a, torch.Tensor)], rank, vocab)
-            for func, args in self.calls
-        ]
+        self.groups: dict[str, list[tuple[object, list[object]]]] = {}  # kinds in the order they first run
+        for func, args in self.calls:
+            kind = matmul_kind(func, [a.shape for a in args if isinstance(a, torch.Tensor)], rank, vocab)
+            self.groups.setdefault(kind, []).append((func, args))
         self.kind_flops: dict[str, int] = {}
-        for kind in dict.fromkeys(self.kinds):  # in the order they first run
+        for kind, calls in self.groups.items():
             counter = FlopCounterMode(display=False)
             with counter:
-                _replay(self._of_kind(kind))
+                _replay(calls)
             self.kind_flops[kind] = int(counter.get_total_flops())
         self.flops = sum(self.kind_flops.values())
-
-    def _of_kind(self, kind: str) -> list[tuple[object, list[object]]]:
-        return [call for call, k in zip(self.calls, self.kinds, strict=True) if k == kind]
 
     def run(self) -> float:
         """Wall seconds of one pass over the recorded matmuls, in the steps' order."""
@@ -185,7 +182,7 @@ class MatmulReplay:
     def by_kind(self) -> dict[str, tuple[float, int]]:
         """Wall seconds and FLOPs of each kind of matmul (:func:`matmul_kind`), each kind's
         calls replayed back to back."""
-        return {kind: (_replay(self._of_kind(kind)), flops) for kind, flops in self.kind_flops.items()}
+        return {kind: (_replay(calls), self.kind_flops[kind]) for kind, calls in self.groups.items()}
 
 
 def _replay(calls: list[tuple[object, list[object]]]) -> float:
@@ -340,7 +337,7 @@ def main() -> None:
         )
         kinds = replay.by_kind()
         kinds_seconds = sum(t for t, _ in kinds.values())
-        result[f"{precision}_matmuls_alone_by_kind"] = {
+        by_kind = {
             kind: {
                 "time_share": round(t / kinds_seconds, 4),
                 "flops_share": round(f / replay.flops, 4),
@@ -348,10 +345,11 @@ def main() -> None:
             }
             for kind, (t, f) in kinds.items()
         }
-        for kind, (t, f) in kinds.items():
+        result[f"{precision}_matmuls_alone_by_kind"] = by_kind
+        for kind, share in by_kind.items():
             print(
-                f"{'':>17}{kind + ':':<16}{t / kinds_seconds:6.1%} of their time, "
-                f"{f / replay.flops:6.1%} of their FLOPs, {f / t / 1e9:6.1f} GFLOP/s",
+                f"{'':>17}{kind + ':':<16}{share['time_share']:6.1%} of their time, "
+                f"{share['flops_share']:6.1%} of their FLOPs, {share['gflops']:6.1f} GFLOP/s",
                 flush=True,
             )
     for name, precision, *_ in variants:
