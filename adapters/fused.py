@@ -20,9 +20,11 @@ make the same values take less time on a CPU:
    row views of the stacked matrix (no second copy); ``A``'s rows are copied in again
    whenever ``A`` changes (:func:`set_adapter <edgetune.adapters.lora.set_adapter>`).
 
-Anything else (merged, disabled, several adapters, DoRA, binary factors, a bias, a trained
-A, a quantised base, a compiled forward, a deep copy of the model) takes each layer's own
-forward, and where that is not plain LoRA, PEFT's. docs/performance.md has the measurements.
+Compiled decoder layers (``train.compile``) use the stacks too: :func:`prepare_stacks` checks
+them eagerly first, since a compiled graph cannot. Anything else (merged, disabled, several
+adapters, DoRA, binary factors, a bias, a trained A, a quantised base, a deep copy of the
+model) takes each layer's own forward, and where that is not plain LoRA, PEFT's.
+docs/performance.md has the measurements.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.models.llama import modeling_llama
 
-__all__ = ["FusedLoraLinear", "fuse_lora_forward", "stack_projections"]
+__all__ = ["FusedLoraLinear", "fuse_lora_forward", "prepare_stacks", "stack_projections"]
 
 
 class FusedLoraLinear(PeftLoraLinear):
@@ -114,6 +116,8 @@ class _Stack:
     weight: Tensor
     a_seen: list[tuple[int, int]]
     """``(id, version)`` of each ``A`` when its rows were last copied in."""
+    views_intact: bool = True
+    """The layers' ``W0`` were still its views when :meth:`factors` last looked eagerly."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         """A deep copy of the model clones each parameter apart: the copy's layers take their
@@ -122,30 +126,36 @@ class _Stack:
 
     def factors(self, layers: Sequence[nn.Module]) -> list[tuple[nn.Linear, nn.Linear, float]] | None:
         """``layers``' plain LoRA factors if the stack still stands for their forward (all plain
-        LoRA, their ``W0`` still its views: nothing replaced them), else None; None while
-        being compiled, whose graphs take each layer's own forward."""
-        if torch.compiler.is_compiling():
-            return None
-        factors, row = [], 0
+        LoRA with a frozen ``A``, their ``W0`` still its views: nothing replaced them), else None.
+
+        A graph being compiled cannot read storages: it takes the views as the last eager
+        call found them (:func:`prepare_stacks` makes one before compiled steps)."""
+        factors = []
         for layer in layers:
-            if not isinstance(layer, FusedLoraLinear):
-                return None
-            plain = layer.plain_factors()
+            plain = layer.plain_factors() if isinstance(layer, FusedLoraLinear) else None
             if plain is None or plain[0].weight.requires_grad:  # a trained A needs its own gradient
                 return None
-            base = _base_linear(layer).weight
-            if base.untyped_storage().data_ptr() != self.weight.untyped_storage().data_ptr():
-                return None
-            if base.storage_offset() != self.weight.storage_offset() + row * self.weight.shape[1]:
-                return None
             factors.append(plain)
+        if not torch.compiler.is_compiling():
+            self.views_intact = self._views_intact(layers)
+        return factors if self.views_intact else None
+
+    def _views_intact(self, layers: Sequence[nn.Module]) -> bool:
+        row = 0
+        for layer in layers:
+            base = _base_linear(layer).weight  # type: ignore[arg-type]  # factors() checked the type
+            if base.untyped_storage().data_ptr() != self.weight.untyped_storage().data_ptr():
+                return False
+            if base.storage_offset() != self.weight.storage_offset() + row * self.weight.shape[1]:
+                return False
             row += base.shape[0]
-        return factors
+        return True
 
     def project(self, x: Tensor, factors: list[tuple[nn.Linear, nn.Linear, float]]) -> list[Tensor]:
         """Each layer's ``W0 x + s B (A x)`` from one matmul with the stack; ``factors`` from
         :meth:`factors`. ``x``: ``(..., in)``."""
-        self._copy_a_rows([a.weight for a, _, _ in factors])
+        if not torch.compiler.is_compiling():  # compiled graphs take A's rows as prepare_stacks left them
+            self._copy_a_rows([a.weight for a, _, _ in factors])
         if torch.is_autocast_enabled("cpu") and self.weight.dtype == torch.get_autocast_dtype("cpu"):
             x = x.to(self.weight.dtype)
         outs = [b.out_features for _, b, _ in factors]
@@ -295,3 +305,18 @@ def stack_projections(model: nn.Module) -> int:
             vars(single)["_stack"] = stack
             made += 1
     return made
+
+
+def prepare_stacks(model: nn.Module) -> None:
+    """Check every stack of ``model`` and copy ``A``'s rows in, eagerly, before compiled steps:
+    a compiled graph can do neither, and takes the stacks as this left them (``A`` is frozen
+    while the steps run)."""
+    groups = {stacked_cls: group for stacked_cls, group, _ in _STACKED.values()}
+    for module in model.modules():
+        stack = vars(module).get("_stack")
+        if not isinstance(stack, _Stack):
+            continue
+        layers = [getattr(module, name) for name in groups[type(module)]] if type(module) in groups else [module]
+        factors = stack.factors(layers)
+        if factors is not None:
+            stack._copy_a_rows([a.weight for a, _, _ in factors])

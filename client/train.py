@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from peft import PeftModel
 
+from edgetune.adapters.fused import prepare_stacks
 from edgetune.chat import pack_rows
 from edgetune.config import TrainConfig
 from edgetune.lm import StepStats, autocast, causal_lm, summed_loss
@@ -41,13 +42,15 @@ def compile_decoder(model: PeftModel) -> None:
     graph serves all of them; ``dynamic=True`` lets batch and sequence lengths vary without
     recompiling. The compiled code runs the first time a layer is called (20-45 s on
     SmolLM2 with the inductor cache cold). Evaluation runs without it
-    (:func:`uncompiled`).
+    (:func:`uncompiled`). The graphs multiply by the stacked projections, checked here
+    eagerly before every run of steps (:func:`prepare_stacks <edgetune.adapters.fused.prepare_stacks>`).
 
     Raises:
         ValueError: no C++ compiler for inductor's kernels on this machine.
     """
     if not compiler_found():
         raise ValueError("train.compile=on: torch.compile's CPU backend needs a C++ compiler (g++, clang++ or $CXX)")
+    prepare_stacks(model)
     for layer in causal_lm(model).model.layers:  # type: ignore[union-attr]
         if getattr(layer, "_compiled_call_impl", None) is None:
             layer.compile(dynamic=True)

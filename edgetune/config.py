@@ -195,7 +195,7 @@ class TrainConfig:
     (``model.quantize``: a mode for devices short of memory, as QLoRA does), resolved with
     the precision (``edgetune/precision.py``)."""
     compile: Literal["auto", "on", "off"] = "auto"
-    """``torch.compile`` each decoder layer for the local steps (12-18% less CPU time per step
+    """``torch.compile`` each decoder layer for the local steps (16-18% less CPU time per step
     on SmolLM2 in bf16, 8% in fp32, after 20-45 s of compiling once per device process; the
     held-out loop stays uncompiled). ``auto`` turns it on where that pays: a base larger than the
     embedded tiny one, at least 200 local steps per device over the run (rounds x

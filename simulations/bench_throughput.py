@@ -12,15 +12,15 @@ throughput is tokens (prompt included, padding excluded) over wall time of ``--s
 steps, median over ``--repeats`` (CPU seconds beside), on the batches packed as training
 packs them (``edgetune.chat.pack_rows``). Each precision (bf16 autocast, fp32) is measured
 on the same batches, as a fraction of its own peak, as training runs it (bf16: frozen base
-held in bf16, eager attention on short sequences; AdamW's default per-tensor step),
-compiled as ``train.compile=on`` runs it (each decoder layer ``torch.compile(dynamic=True)``'d,
-warmed up on every batch first, the compile time reported beside it; ``--no-compile``
-skips these), and with one change each (``bf16-sdpa-bf16``: transformers' SDPA attention
-in bf16; ``bf16-sdpa-fp32``: SDPA in fp32 at every length; ``bf16-fp32-base``: the base
-left fp32 under autocast; ``bf16-per-layer``: each projection its own matmuls, without
-``stack_projections``; ``*-peft-lora``: PEFT's own LoRA forward instead of
-``FusedLoraLinear``'s; ``*-fused``: PyTorch's fused AdamW, no consistent gain here and so
-not used), the repeats interleaved across variants.
+held in bf16, eager attention on short sequences; AdamW's default per-tensor step), compiled
+as ``train.compile=on`` runs it (a model loaded apart, with its stacked projections, each
+decoder layer ``torch.compile(dynamic=True)``'d, warmed up on every batch first, the compile
+time reported beside it; ``--no-compile`` skips these), and with one change each
+(``bf16-sdpa-bf16``: transformers' SDPA attention in bf16; ``bf16-sdpa-fp32``: SDPA in fp32
+at every length; ``bf16-fp32-base``: the base left fp32 under autocast; ``bf16-per-layer``:
+each projection its own matmuls, without ``stack_projections``; ``*-peft-lora``: PEFT's own
+LoRA forward instead of ``FusedLoraLinear``'s; ``*-fused``: PyTorch's fused AdamW, no
+consistent gain here and so not used), the repeats interleaved across variants.
 The CPU's features and what ``train.precision=auto`` picks on it are reported too. On a CPU
 without bf16 units (where ``auto`` picks fp32) bf16 is measured only as forced training runs
 it, once, on the first 2 steps (a step there takes 10-30x fp32's), and a bf16 matmul too
@@ -223,6 +223,10 @@ def main() -> None:
     loaded = {held: device_model(args.base, lora, "none", "bf16" if held else "fp32") for held in (False, True)}
     tokenizer = loaded[False][1]
     models = {"fp32": loaded[False][0], "bf16": loaded[True][0]}
+    if not args.no_compile:  # loaded again (device_model caches), not deep copies: a copy's layers lose the stacks
+        for precision in ("bf16", "fp32"):
+            models[f"{precision}-compiled"] = device_model.__wrapped__(args.base, lora, "none", precision)[0]
+            compile_decoder(models[f"{precision}-compiled"])
     data = tokenized_device(DataConfig(), "", 0, 8, 0, tokenizer)
     collated = iterate_batches(data.train, args.batch_size, args.steps, 0, pad_id(tokenizer))
     batches = [pack_rows(b) for b in collated]  # as train_local steps them
@@ -282,10 +286,6 @@ def main() -> None:
         fuse_lora_forward(peft_lora, fused=False)
     if args.no_compile:
         variants = [v for v in variants if not v[2].endswith("-compiled")]
-    else:
-        for precision in ("bf16", "fp32"):
-            models[f"{precision}-compiled"] = copy.deepcopy(models[precision])
-            compile_decoder(models[f"{precision}-compiled"])
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
 
     def timed(
