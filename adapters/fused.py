@@ -130,20 +130,22 @@ class _Stack:
 
         A graph being compiled cannot read storages: it takes the views as the last eager
         call found them (:func:`prepare_stacks` makes one before compiled steps)."""
-        factors = []
+        factors, bases = [], []
         for layer in layers:
-            plain = layer.plain_factors() if isinstance(layer, FusedLoraLinear) else None
+            if not isinstance(layer, FusedLoraLinear):
+                return None
+            plain = layer.plain_factors()
             if plain is None or plain[0].weight.requires_grad:  # a trained A needs its own gradient
                 return None
             factors.append(plain)
+            bases.append(_base_linear(layer).weight)
         if not torch.compiler.is_compiling():
-            self.views_intact = self._views_intact(layers)
+            self.views_intact = self._views_intact(bases)
         return factors if self.views_intact else None
 
-    def _views_intact(self, layers: Sequence[nn.Module]) -> bool:
+    def _views_intact(self, bases: list[Tensor]) -> bool:
         row = 0
-        for layer in layers:
-            base = _base_linear(layer).weight  # type: ignore[arg-type]  # factors() checked the type
+        for base in bases:
             if base.untyped_storage().data_ptr() != self.weight.untyped_storage().data_ptr():
                 return False
             if base.storage_offset() != self.weight.storage_offset() + row * self.weight.shape[1]:
