@@ -157,7 +157,7 @@ class _Stack:
         """Each layer's ``W0 x + s B (A x)`` from one matmul with the stack; ``factors`` from
         :meth:`factors`. ``x``: ``(..., in)``."""
         if not torch.compiler.is_compiling():  # compiled graphs take A's rows as prepare_stacks left them
-            self._copy_a_rows([a.weight for a, _, _ in factors])
+            self._copy_a_rows(factors)
         if torch.is_autocast_enabled("cpu") and self.weight.dtype == torch.get_autocast_dtype("cpu"):
             x = x.to(self.weight.dtype)
         outs = [b.out_features for _, b, _ in factors]
@@ -167,7 +167,9 @@ class _Stack:
         return [_add_adapter(pieces[i], pieces[n + i], b.weight, s) for i, (_, b, s) in enumerate(factors)]
 
     @torch.no_grad()
-    def _copy_a_rows(self, a_weights: list[Tensor]) -> None:
+    def _copy_a_rows(self, factors: list[tuple[nn.Linear, nn.Linear, float]]) -> None:
+        """Copy each ``A`` (from :meth:`factors`) into its rows, unless none changed since."""
+        a_weights = [a.weight for a, _, _ in factors]
         seen = _versions(a_weights)
         if seen == self.a_seen:
             return
@@ -318,7 +320,8 @@ def prepare_stacks(model: nn.Module) -> None:
         stack = vars(module).get("_stack")
         if not isinstance(stack, _Stack):
             continue
-        layers = [getattr(module, name) for name in groups[type(module)]] if type(module) in groups else [module]
+        group = groups.get(type(module))  # a stacked block's projections, else the one layer itself
+        layers = [getattr(module, name) for name in group] if group else [module]
         factors = stack.factors(layers)
         if factors is not None:
-            stack._copy_a_rows([a.weight for a, _, _ in factors])
+            stack._copy_a_rows(factors)
